@@ -1,0 +1,5 @@
+import sys
+
+from fastmbv1.cli import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""``fastmbv1 <command>``: parse flags, call one function, turn mistakes into one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from fastmbv1.config import TrainConfig, dash
+from fastmbv1.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag or value in one line, exit status 2, no usage dump."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; unset flags stay out of the namespace (SUPPRESS)."""
+    for f in fields(TrainConfig):
+        base = f.type.split(" | ")[0]
+        kw = {"default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        if base == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str}[base]
+            kw["metavar"] = f.name.upper()
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+        p.add_argument(f"--{dash(f.name)}", **kw)
+    p.add_argument("--config", metavar="FILE", help="TOML file with config field names")
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    names = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fastmbv1.config import make_config
+    from fastmbv1.train import train
+
+    train(make_config(config_overrides(args), args.config))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fastmbv1.evaluate import evaluate_checkpoint
+
+    acc = evaluate_checkpoint(args.checkpoint, data=args.data, device=args.device)
+    print(f"test accuracy: {acc:.2f} %")
+    return 0
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="fastmbv1", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=Parser)  # fmt: skip
+
+    p = sub.add_parser("train", help="train on CIFAR-10 within a time budget")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="print the test accuracy of a saved model (writes nothing)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="final.pt or a checkpoint")
+    p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"fastmbv1 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastmbv1 {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""One config dataclass for a training run, presets as data, TOML files with the same names.
+
+Precedence, lowest first: the dataclass defaults, the preset, ``--config FILE``, the flags.
+Fields left as ``None`` are decided by the machine at start (``resolve``), then printed and
+saved in their resolved form, so ``config.json`` always says what really ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from fastmbv1.errors import UserError
+
+
+def opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    preset: str = opt("fast", "recipe to start from: " + ", ".join(["fast", "cpu", "baseline"]))
+    model: str = opt("mobilenet_v1", "network, by registry name")
+    width: float = opt(1.0, "width multiplier for every layer's channels")
+    normalize: bool = opt(True, "standardise inputs inside the model (off in the baseline)")
+    dropout: float = opt(0.0, "dropout before the classifier")
+    pipeline: str | None = opt(None, "data pipeline (default: dali on CUDA, else the fastest)")
+    num_workers: int = opt(0, "DataLoader workers for the torchvision pipeline")
+    device: str = opt("auto", "auto, cuda or cpu", choices=("auto", "cuda", "cpu"))
+    epochs: int = opt(30, "epochs to train (the budget may end the run sooner)")
+    batch_size: int = opt(512, "training batch size")
+    eval_batch_size: int = opt(1000, "evaluation batch size")
+    optimizer: str = opt("sgd", "optimiser", choices=("sgd",))
+    lr: float = opt(0.4, "peak learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(True, "Nesterov momentum")
+    weight_decay: float = opt(5e-4, "L2 weight decay")
+    label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy")
+    schedule: str = opt(
+        "onecycle", "learning-rate schedule", choices=("onecycle", "constant", "exponential")
+    )
+    warmup: float = opt(0.2, "onecycle: fraction of the run spent warming up")
+    lr_decay: float = opt(0.94, "exponential: factor applied to the LR after each epoch")
+    mixup: float = opt(0.0, "mixup alpha (0: off)")
+    cutmix: float = opt(0.0, "cutmix alpha (0: off)")
+    cutout: int = opt(0, "cutout square side in pixels (0: off)")
+    amp: str | None = opt(None, "autocast: bf16, fp16 (with grad scaler) or off", choices=(
+        "bf16", "fp16", "off"))  # fmt: skip
+    compile: bool | None = opt(None, "torch.compile the model (default: on CUDA only)")
+    channels_last: bool = opt(True, "channels_last memory format for model and batches")
+    budget: float = opt(3600.0, "wall-clock seconds for the whole run, compile and eval included")
+    target_acc: float | None = opt(None, "stop once the test accuracy reaches this (percent)")
+    eval_every: int = opt(1, "evaluate on the test set every K epochs (and always at the end)")
+    train_limit: int | None = opt(None, "use only the first N training images (quick runs)")
+    test_limit: int | None = opt(None, "use only the first N test images (quick runs)")
+    seed: int = opt(0, "seed for weights, order and augmentation")
+    out: str | None = opt(None, "output folder (default: runs/<timestamp>)")
+    data: str | None = opt(None, "CIFAR-10 archive or folder (default: $FASTMBV1_DATA or cache)")
+
+    def validate(self) -> TrainConfig:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise UserError(what)
+
+        need(self.preset in PRESETS, f"unknown preset {self.preset!r}; choose from "
+             + ", ".join(PRESETS))  # fmt: skip
+        for name in ("width", "budget", "lr"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value > 0, f"--{dash(name)} must be > 0, got {value}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
+            value = getattr(self, name)
+            need(value >= 1, f"--{dash(name)} must be >= 1, got {value}")
+        for name in ("train_limit", "test_limit"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"--{dash(name)} must be >= 1, got {value}")
+        for name in ("mixup", "cutmix", "cutout"):
+            value = getattr(self, name)
+            need(value >= 0, f"--{dash(name)} must be >= 0, got {value}")
+        need(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        need(0 <= self.label_smoothing < 1,
+             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")  # fmt: skip
+        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(0 <= self.warmup < 1, f"--warmup must be in [0, 1), got {self.warmup}")
+        need(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}")
+        need(self.target_acc is None or 0 < self.target_acc <= 100,
+             f"--target-acc is a percentage in (0, 100], got {self.target_acc}")  # fmt: skip
+        need(not (self.nesterov and self.momentum == 0), "--nesterov needs --momentum > 0")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            need(choices is None or value is None or value in choices,
+                 f"--{dash(f.name)} must be one of {', '.join(choices or ())}, got {value!r}")  # fmt: skip
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Presets are data: field overrides on top of the dataclass defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # GPU-oriented default: Nesterov SGD, OneCycle, label smoothing, big batches.
+    "fast": {},
+    # The same recipe sized for a CPU and a budget of minutes: half width, smaller batches.
+    "cpu": {"width": 0.5, "batch_size": 256, "lr": 0.2, "epochs": 15},
+    # The original project's baseline, field for field (../shared/reference/facts.md).
+    "baseline": {
+        "model": "mobilenet_v1",
+        "width": 1.0,
+        "normalize": False,
+        "dropout": 0.0,
+        "pipeline": "torchvision",
+        "num_workers": 0,
+        "epochs": 100,
+        "batch_size": 100,
+        "lr": 0.03,
+        "momentum": 0.0,
+        "nesterov": False,
+        "weight_decay": 5e-4,
+        "label_smoothing": 0.0,
+        "schedule": "constant",
+        "amp": "off",
+        "compile": False,
+        "channels_last": False,
+    },
+}
+
+
+def dash(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def field_names() -> set[str]:
+    return {f.name for f in fields(TrainConfig)}
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a folder") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    unknown = sorted(set(data) - field_names())
+    if unknown:
+        raise UserError(f"config file {path}: unknown field(s) {', '.join(unknown)}")
+    return data
+
+
+def make_config(overrides: dict[str, Any], config_file: str | None = None) -> TrainConfig:
+    """Defaults <- preset <- TOML file <- explicit overrides (flags), then type-checked."""
+    from_file = read_toml(config_file) if config_file else {}
+    preset = overrides.get("preset", from_file.get("preset", "fast"))
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    merged = {**PRESETS[preset], **from_file, **overrides, "preset": preset}
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    for name, value in merged.items():
+        merged[name] = _coerce(name, value, types[name])
+    return TrainConfig(**merged).validate()
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Check a value from a TOML file against the field's type (ints pass as floats)."""
+    if value is None:
+        return None
+    base = annotation.split(" | ")[0]
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[base]
+    if not ok:
+        raise UserError(f"{name} must be of type {base}, got {value!r}")
+    return float(value) if base == "float" else value

@@ -1,0 +1,95 @@
+"""MobileNetV1 for CIFAR-10 (kuangliu/pytorch-cifar layout), with input normalisation inside.
+
+The model takes RGB in [0, 1]; the mean/std buffers make a saved model self-contained.
+``channels`` overrides the per-layer widths so that a pruned network can be rebuilt from
+its checkpoint metadata alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fastmbv1.models import register_model
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+# (out channels, stride) of the 13 depthwise-separable blocks; the stem has 32 channels.
+STEM = 32
+BLOCKS = [
+    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
+]  # fmt: skip
+
+
+def scaled(c: int, width: float) -> int:
+    return max(1, round(c * width))
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with the statistics as buffers, so they travel in the state dict."""
+
+    def __init__(self, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Block(nn.Module):
+    """Depthwise 3x3 (a real grouped conv) then pointwise 1x1, each with BN and ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.depthwise = conv_bn(cin, cin, 3, stride, groups=cin)
+        self.pointwise = conv_bn(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+class MobileNetV1(nn.Module):
+    def __init__(
+        self,
+        width: float = 1.0,
+        num_classes: int = 10,
+        normalize: bool = True,
+        dropout: float = 0.0,
+        channels: list[int] | None = None,
+    ):
+        super().__init__()
+        if channels is None:
+            channels = [scaled(c, width) for c in [STEM] + [c for c, _ in BLOCKS]]
+        if len(channels) != len(BLOCKS) + 1:
+            raise ValueError(f"channels needs {len(BLOCKS) + 1} entries, got {len(channels)}")
+        self.normalize = Normalize() if normalize else nn.Identity()
+        self.stem = conv_bn(3, channels[0], 3)
+        self.blocks = nn.Sequential(
+            *(
+                Block(cin, cout, stride)
+                for cin, cout, (_, stride) in zip(channels[:-1], channels[1:], BLOCKS)
+            )
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Linear(channels[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(self.normalize(x)))
+        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
+
+
+@register_model
+def mobilenet_v1(**kwargs) -> MobileNetV1:
+    return MobileNetV1(**kwargs)

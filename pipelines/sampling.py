@@ -1,0 +1,56 @@
+"""What every pipeline draws per epoch: the visiting order and each sample's shift and flip.
+
+All draws come from numpy generators seeded by (seed, epoch, stream), so an epoch is
+reproducible from the seed and its number alone, whichever pipeline consumes it, and a
+resumed run sees the very same epochs. Under data parallelism every rank draws the same
+permutation and takes its own interleaved shard of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAX_SHIFT = 4  # Pad(4) + RandomCrop(32): shifts of -4..4 on each axis
+ORDER, AUGMENT = 0, 1  # generator streams, so the order never depends on the augmentation
+
+
+def rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, stream])
+
+
+def epoch_indices(
+    n: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    train: bool,
+    drop_last: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> np.ndarray:
+    """Sample indices this rank visits in ``epoch``, already cut to whole batches if asked.
+
+    Every rank gets the same number of samples (and so of batches), so none waits at the end
+    of an epoch for a batch that never comes.
+    """
+    order = rng(seed, epoch, ORDER).permutation(n) if train else np.arange(n)
+    mine = order[rank::world_size]
+    if train:  # equal shares, so every rank runs the same number of steps
+        mine = mine[: n // world_size]
+    if drop_last:
+        mine = mine[: len(mine) - len(mine) % batch_size]
+    return mine
+
+
+def shifts_and_flips(n: int, *, seed: int, epoch: int) -> tuple[np.ndarray, ...]:
+    """Shifts dy, dx in -4..4 and a flip flag for each of the ``n`` samples, by sample index.
+
+    Drawn by index rather than by position in the order, so a sample's augmentation in an
+    epoch is the same whatever rank or batch it lands in.
+    """
+    g = rng(seed, epoch, AUGMENT)
+    dy = g.integers(-MAX_SHIFT, MAX_SHIFT + 1, n)
+    dx = g.integers(-MAX_SHIFT, MAX_SHIFT + 1, n)
+    flip = g.integers(0, 2, n).astype(bool)
+    return dy, dx, flip

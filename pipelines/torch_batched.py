@@ -1,0 +1,75 @@
+"""The whole data set as one uint8 tensor on the device, augmented a batch at a time.
+
+Translation and flip are one gather: each sample's 32 rows and 32 columns are read from the
+zero-padded image at its own offset, with the column order reversed where it is flipped.
+No per-sample Python, no host round-trip on CUDA: the plan for the epoch (order, shifts,
+flips) goes to the device once per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.sampling import MAX_SHIFT, epoch_indices, shifts_and_flips
+
+
+def unavailable(device: torch.device) -> str | None:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return None
+
+
+class TorchPipeline:
+    def __init__(self, images, labels, *, batch_size, train, device, seed, dtype, drop_last,
+                 rank, world_size):  # fmt: skip
+        self.batch_size, self.train, self.device = batch_size, train, device
+        self.seed, self.dtype, self.drop_last = seed, dtype, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.n = len(images)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64, device=device)
+        images = torch.as_tensor(np.asarray(images), device=device)  # (N, 32, 32, 3) uint8
+        if train:  # pad once, so every batch is a plain gather with zero fill built in
+            p = MAX_SHIFT
+            images = F.pad(images.permute(0, 3, 1, 2), (p, p, p, p)).permute(0, 2, 3, 1)
+            images = images.contiguous()
+        self.images = images
+        self.base = torch.arange(32, device=device)
+
+    def _indices(self, epoch: int) -> np.ndarray:
+        return epoch_indices(self.n, self.batch_size, seed=self.seed, epoch=epoch,
+                             train=self.train, drop_last=self.drop_last,
+                             rank=self.rank, world_size=self.world_size)  # fmt: skip
+
+    def __len__(self) -> int:
+        return -(-len(self._indices(0)) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        order = torch.as_tensor(self._indices(epoch), device=self.device)
+        if self.train:
+            dy, dx, flip = (torch.as_tensor(a, device=self.device)
+                            for a in shifts_and_flips(self.n, seed=self.seed, epoch=epoch))  # fmt: skip
+            # Row r of the output reads padded row r + 4 - dy; column c reads c + 4 - dx,
+            # mirrored (31 - c) first when flipped: the same as Pad(4), crop, then flip.
+            rows = self.base + MAX_SHIFT - dy[:, None]
+            cols = torch.where(flip[:, None], self.base.flip(0), self.base) + MAX_SHIFT
+            cols = cols - dx[:, None]
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            if self.train:
+                r, c = rows[idx], cols[idx]
+                x = self.images[idx[:, None, None], r[:, :, None], c[:, None, :]]
+            else:
+                x = self.images[idx]
+            # (B, 32, 32, 3) contiguous, viewed as (B, 3, 32, 32), is channels_last already.
+            x = x.permute(0, 3, 1, 2).to(self.dtype).div_(255)
+            yield x, self.labels[idx]
+
+
+def build(images, labels, **kw) -> TorchPipeline:
+    return TorchPipeline(images, labels, **kw)
