@@ -10,6 +10,7 @@ A model file is a plain dict of tensors and JSON-able metadata, so it loads with
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from fastmbv1.errors import UserError
+from fastmbv1.errors import UserError, one_line
 from fastmbv1.models import build_model
 
 MODEL_FORMAT = "fastmbv1-model"
@@ -75,8 +76,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, bad magic ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is unreadable or truncated ({first[:160]})") from e
+        raise UserError(f"checkpoint {path} is unreadable or truncated ({one_line(e)})") from e
     if not isinstance(obj, dict) or "format" not in obj:
         raise UserError(f"{path} is not a fastmbv1 checkpoint")
     return obj
@@ -90,8 +90,7 @@ def model_from_record(record: dict, where: str | os.PathLike = "checkpoint") -> 
         model.load_state_dict(record["state_dict"])
     except RuntimeError as e:
         raise UserError(
-            f"{where} does not match model {record['model']} {record['kwargs']}: "
-            f"{str(e).splitlines()[0]}"
+            f"{where} does not match model {record['model']} {record['kwargs']}: {one_line(e)}"
         ) from e
     return model.eval()
 
@@ -102,3 +101,44 @@ def load(path: str | os.PathLike) -> nn.Module:
     if "model_record" in record:  # a training checkpoint carries its model record inside
         record = record["model_record"]
     return model_from_record(record, path)
+
+
+TRAIN_FORMAT = "fastmbv1-train"
+CHECKPOINT_GLOB = "checkpoint-*.pt"
+
+
+def save_training_state(out: Path, epoch: int, state: dict, keep: int) -> Path:
+    """Write ``checkpoint-<epoch>.pt`` atomically, then drop all but the newest ``keep``."""
+    path = out / f"checkpoint-{epoch:04d}.pt"
+    atomic_save({"format": TRAIN_FORMAT, **state}, path)
+    for old in sorted(out.glob(CHECKPOINT_GLOB))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest_training_state(run_dir: str | os.PathLike) -> tuple[dict, Path]:
+    """The newest readable training checkpoint in ``run_dir``.
+
+    Saves are atomic, so the newest file is whole unless something outside fastmbv1 damaged
+    it; then the one before it is used, with a warning, losing one epoch rather than the run.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: no such run folder")
+    candidates = sorted(run_dir.glob(CHECKPOINT_GLOB), reverse=True)
+    if not candidates:
+        raise UserError(f"--resume {run_dir}: no checkpoint-*.pt in it to resume from")
+    errors = []
+    for path in candidates:
+        try:
+            state = read_checkpoint(path)
+        except UserError as e:
+            errors.append(str(e))
+            continue
+        if state.get("format") != TRAIN_FORMAT:
+            errors.append(f"{path} is not a training checkpoint")
+            continue
+        for e in errors:
+            print(f"warning: {e}; using {path.name}", file=sys.stderr)
+        return state, path
+    raise UserError(f"--resume {run_dir}: no readable checkpoint ({errors[0]})")

@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 
 from fastmbv1.config import TrainConfig, dash
-from fastmbv1.errors import UserError
+from fastmbv1.errors import FastError
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,10 +39,15 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fastmbv1.config import make_config
+    from fastmbv1.config import make_config, resume_config
     from fastmbv1.train import train
 
-    train(make_config(config_overrides(args), args.config))
+    overrides = config_overrides(args)
+    if args.resume:
+        cfg = resume_config(args.resume, overrides)
+    else:
+        cfg = make_config(overrides, args.config)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -56,11 +61,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> Parser:
     parser = Parser(prog="fastmbv1", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=Parser)  # fmt: skip
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
+    )
 
     p = sub.add_parser("train", help="train on CIFAR-10 within a time budget")
     add_config_flags(p)
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="reuse an --out folder holding a run")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="print the test accuracy of a saved model (writes nothing)")
@@ -75,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as e:
+    except FastError as e:
         print(f"fastmbv1 {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     except KeyboardInterrupt:
         print(f"fastmbv1 {args.command}: interrupted", file=sys.stderr)
         return 130

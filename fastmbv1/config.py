@@ -8,6 +8,7 @@ saved in their resolved form, so ``config.json`` always says what really ran.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -52,13 +53,20 @@ class TrainConfig:
     mixup: float = opt(0.0, "mixup alpha (0: off)")
     cutmix: float = opt(0.0, "cutmix alpha (0: off)")
     cutout: int = opt(0, "cutout square side in pixels (0: off)")
-    amp: str | None = opt(None, "autocast: bf16, fp16 (with grad scaler) or off", choices=(
-        "bf16", "fp16", "off"))  # fmt: skip
+    amp: str | None = opt(
+        None, "autocast: bf16, fp16 (with grad scaler) or off", choices=("bf16", "fp16", "off")
+    )
     compile: bool | None = opt(None, "torch.compile the model (default: on CUDA only)")
     channels_last: bool = opt(True, "channels_last memory format for model and batches")
     budget: float = opt(3600.0, "wall-clock seconds for the whole run, compile and eval included")
     target_acc: float | None = opt(None, "stop once the test accuracy reaches this (percent)")
     eval_every: int = opt(1, "evaluate on the test set every K epochs (and always at the end)")
+    checkpoint_every: int | None = opt(
+        None,
+        "save a resumable checkpoint every N epochs (default: each epoch when epochs "
+        "take over a minute, else only at the end; 0: only at the end)",
+    )
+    keep: int = opt(2, "how many of the latest checkpoints to keep")
     train_limit: int | None = opt(None, "use only the first N training images (quick runs)")
     test_limit: int | None = opt(None, "use only the first N test images (quick runs)")
     seed: int = opt(0, "seed for weights, order and augmentation")
@@ -70,8 +78,10 @@ class TrainConfig:
             if not ok:
                 raise UserError(what)
 
-        need(self.preset in PRESETS, f"unknown preset {self.preset!r}; choose from "
-             + ", ".join(PRESETS))  # fmt: skip
+        need(
+            self.preset in PRESETS,
+            f"unknown preset {self.preset!r}; choose from " + ", ".join(PRESETS),
+        )
         for name in ("width", "budget", "lr"):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, f"--{dash(name)} must be > 0, got {value}")
@@ -84,22 +94,33 @@ class TrainConfig:
         for name in ("mixup", "cutmix", "cutout"):
             value = getattr(self, name)
             need(value >= 0, f"--{dash(name)} must be >= 0, got {value}")
+        need(self.keep >= 1, f"--keep must be >= 1, got {self.keep}")
+        need(
+            self.checkpoint_every is None or self.checkpoint_every >= 0,
+            f"--checkpoint-every must be >= 0, got {self.checkpoint_every}",
+        )
         need(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
-        need(0 <= self.label_smoothing < 1,
-             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")  # fmt: skip
+        need(
+            0 <= self.label_smoothing < 1,
+            f"--label-smoothing must be in [0, 1), got {self.label_smoothing}",
+        )
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         need(0 <= self.warmup < 1, f"--warmup must be in [0, 1), got {self.warmup}")
         need(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}")
-        need(self.target_acc is None or 0 < self.target_acc <= 100,
-             f"--target-acc is a percentage in (0, 100], got {self.target_acc}")  # fmt: skip
+        need(
+            self.target_acc is None or 0 < self.target_acc <= 100,
+            f"--target-acc is a percentage in (0, 100], got {self.target_acc}",
+        )
         need(not (self.nesterov and self.momentum == 0), "--nesterov needs --momentum > 0")
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
-            need(choices is None or value is None or value in choices,
-                 f"--{dash(f.name)} must be one of {', '.join(choices or ())}, got {value!r}")  # fmt: skip
+            need(
+                choices is None or value is None or value in choices,
+                f"--{dash(f.name)} must be one of {', '.join(choices or ())}, got {value!r}",
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +154,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "channels_last": False,
     },
 }
+
+
+# Fields a resumed run may change: they decide when it stops or what it writes, not the recipe.
+SAFE_ON_RESUME = {"budget", "eval_every", "target_acc", "checkpoint_every", "keep", "data", "out"}
 
 
 def dash(name: str) -> str:
@@ -171,6 +196,25 @@ def make_config(overrides: dict[str, Any], config_file: str | None = None) -> Tr
     for name, value in merged.items():
         merged[name] = _coerce(name, value, types[name])
     return TrainConfig(**merged).validate()
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The config of the run in ``run_dir``, with only the flags that are safe to change."""
+    path = Path(run_dir) / "config.json"
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--resume {run_dir}: no config.json, not a fastmbv1 run folder") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--resume {run_dir}: unreadable config.json ({e})") from None
+    for name, value in overrides.items():
+        if name not in SAFE_ON_RESUME and value != stored.get(name):
+            raise UserError(
+                f"--{dash(name)} {value} differs from the run being resumed ({stored.get(name)});"
+                f" on resume only {', '.join('--' + dash(n) for n in sorted(SAFE_ON_RESUME))}"
+                " may change"
+            )
+    return make_config({**stored, **overrides})
 
 
 def _coerce(name: str, value: Any, annotation: str) -> Any:

@@ -1,9 +1,31 @@
-"""The one exception type that the CLI turns into a one-line message and exit status 2."""
+"""Exceptions that the CLI turns into a one-line message and a distinct exit status."""
 
 
-class UserError(Exception):
-    """A mistake in what the user asked for or pointed at: bad flag, bad file, missing data.
+class FastError(Exception):
+    """Base: the message is one line that names the thing and what happened to it."""
 
-    The message must name the thing and what is wrong with it, in one line; the CLI prints it
-    without a traceback.
-    """
+    exit_status = 1
+
+
+class UserError(FastError):
+    """A mistake in what the user asked for or pointed at: bad flag, bad file, missing data."""
+
+    exit_status = 2
+
+
+class Interrupted(FastError):
+    """SIGINT/SIGTERM stopped a run after it saved a checkpoint; the message says how to resume."""
+
+    exit_status = 3
+
+
+class Diverged(FastError):
+    """The loss became NaN or inf; the last checkpoint on disk is from before it."""
+
+    exit_status = 4
+
+
+def one_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's text (or its type name), for a one-line message."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

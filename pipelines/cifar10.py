@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastmbv1.errors import UserError
+from fastmbv1.errors import UserError, one_line
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -32,9 +32,17 @@ FOLDER_NAME = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
 CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 # Bump when the cached layout changes, so old caches are never read with new meaning.
 CACHE_VERSION = 1
 
@@ -192,7 +200,7 @@ def _read_archive(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                     raw = tar.extractfile(member).read()
                     batches[name] = _unpickle(raw, Path(f"{path}:{member.name}"))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise UserError(f"{path} is not a readable CIFAR-10 archive ({e})") from e
+        raise UserError(f"{path} is not a readable CIFAR-10 archive ({one_line(e)})") from e
     missing = sorted(wanted - batches.keys())
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a complete CIFAR-10 archive")

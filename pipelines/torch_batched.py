@@ -24,15 +24,17 @@ def unavailable(device: torch.device) -> str | None:
 
 
 class TorchPipeline:
-    def __init__(self, images, labels, *, batch_size, train, device, seed, dtype, drop_last,
-                 rank, world_size):  # fmt: skip
+    def __init__(
+        self, images, labels, *, batch_size, train, device, seed, dtype, drop_last, rank, world_size
+    ):
         self.batch_size, self.train, self.device = batch_size, train, device
         self.seed, self.dtype, self.drop_last = seed, dtype, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.n = len(images)
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64, device=device)
-        images = torch.as_tensor(np.asarray(images), device=device)  # (N, 32, 32, 3) uint8
+        # Copies: the arrays may be read-only memory maps of the cache.
+        self.labels = torch.tensor(np.asarray(labels), dtype=torch.int64, device=device)
+        images = torch.tensor(np.asarray(images), device=device)  # (N, 32, 32, 3) uint8
         if train:  # pad once, so every batch is a plain gather with zero fill built in
             p = MAX_SHIFT
             images = F.pad(images.permute(0, 3, 1, 2), (p, p, p, p)).permute(0, 2, 3, 1)
@@ -41,9 +43,16 @@ class TorchPipeline:
         self.base = torch.arange(32, device=device)
 
     def _indices(self, epoch: int) -> np.ndarray:
-        return epoch_indices(self.n, self.batch_size, seed=self.seed, epoch=epoch,
-                             train=self.train, drop_last=self.drop_last,
-                             rank=self.rank, world_size=self.world_size)  # fmt: skip
+        return epoch_indices(
+            self.n,
+            self.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            train=self.train,
+            drop_last=self.drop_last,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     def __len__(self) -> int:
         return -(-len(self._indices(0)) // self.batch_size)
@@ -52,8 +61,10 @@ class TorchPipeline:
         epoch, self.epoch = self.epoch, self.epoch + 1
         order = torch.as_tensor(self._indices(epoch), device=self.device)
         if self.train:
-            dy, dx, flip = (torch.as_tensor(a, device=self.device)
-                            for a in shifts_and_flips(self.n, seed=self.seed, epoch=epoch))  # fmt: skip
+            dy, dx, flip = (
+                torch.as_tensor(a, device=self.device)
+                for a in shifts_and_flips(self.n, seed=self.seed, epoch=epoch)
+            )
             # Row r of the output reads padded row r + 4 - dy; column c reads c + 4 - dx,
             # mirrored (31 - c) first when flipped: the same as Pad(4), crop, then flip.
             rows = self.base + MAX_SHIFT - dy[:, None]

@@ -1,0 +1,67 @@
+"""Test-set accuracy: in eval mode, without gradients, under the run's autocast."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from fastmbv1.errors import UserError
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches, device: torch.device, amp: str = "off", channels_last: bool = True
+) -> tuple[int, int]:
+    """(correct, total) over one pass of ``batches``; restores the model's training mode."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total = 0
+    for x, y in batches:
+        if not channels_last:
+            x = x.contiguous()
+        with autocast(device, amp):
+            logits = model(x)
+        correct += (logits.argmax(1) == y).sum()
+        total += len(y)
+    model.train(was_training)
+    return int(correct), total
+
+
+def evaluate_checkpoint(path: str, data: str | None = None, device: str = "auto") -> float:
+    """Test accuracy (percent) of a saved model on the CIFAR-10 test set; writes nothing."""
+    from fastmbv1.checkpoint import load
+    from pipelines import build_pipeline
+    from pipelines.cifar10 import load_cifar10
+
+    dev = pick_device(device)
+    model = load(path).to(dev)
+    cifar = load_cifar10(data)
+    batches = build_pipeline(
+        "torch",
+        cifar.test_images,
+        cifar.test_labels,
+        batch_size=1000,
+        train=False,
+        device=dev,
+        seed=0,
+    )
+    correct, total = evaluate(model, batches, dev)
+    return 100.0 * correct / total

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny CIFAR-10 archives in the real format, and the real copy."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar-10-python.tar.gz"
+BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def tiny_batches(per_batch: int = 8, seed: int = 0) -> dict[str, dict]:
+    """Batch dicts exactly like the originals (bytes keys, (N, 3072) uint8, label lists)."""
+    rng = np.random.default_rng(seed)
+    return {
+        name: {
+            b"batch_label": name.encode(),
+            b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)],
+        }
+        for name in BATCHES
+    }
+
+
+def write_folder(root: Path, batches: dict[str, dict]) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, d in batches.items():
+        (folder / name).write_bytes(pickle.dumps(d, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": []}, protocol=2))
+    return folder
+
+
+def write_archive(path: Path, batches: dict[str, dict]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, d in batches.items():
+            raw = pickle.dumps(d, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return path
+
+
+@pytest.fixture
+def tiny_archive(tmp_path) -> Path:
+    return write_archive(tmp_path / "cifar-10-python.tar.gz", tiny_batches())
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own cache and no $FASTMBV1_DATA, unless it asks for the shared one."""
+    monkeypatch.setenv("FASTMBV1_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTMBV1_DATA", raising=False)
+
+
+@pytest.fixture(scope="session")
+def real_cifar_path() -> Path:
+    if not REAL_CIFAR.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"the real CIFAR-10 copy is missing at {REAL_CIFAR}")
+        pytest.skip(f"no real CIFAR-10 copy at {REAL_CIFAR}")
+    return REAL_CIFAR
+
+
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory) -> Path:
+    """One decoded cache of the real data for the whole session (decoding takes seconds)."""
+    return tmp_path_factory.mktemp("real-cache")
+
+
+@pytest.fixture
+def real_cifar(real_cifar_path, real_cache, monkeypatch):
+    from pipelines.cifar10 import load_cifar10
+
+    monkeypatch.setenv("FASTMBV1_CACHE", str(real_cache))
+    return load_cifar10(real_cifar_path)
