@@ -30,16 +30,21 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     A crash or a full disk at any point leaves the previous file at ``path`` intact.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise UserError(
+            f"cannot write {path} ({e.strerror or one_line(e)}); any earlier file there is intact"
+        ) from e
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def model_record(model: nn.Module, name: str, kwargs: dict, meta: dict | None = None) -> dict:

@@ -1,0 +1,127 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmbv1
+from fastmbv1.checkpoint import save_model
+from fastmbv1.errors import UserError
+from fastmbv1.models import build_model
+
+
+def saved(tmp_path, name="mobilenet_v1", **kwargs):
+    torch.manual_seed(0)
+    model = build_model(name, **kwargs).eval()
+    path = tmp_path / "m.pt"
+    save_model(path, model, name, kwargs)
+    return model, path
+
+
+def test_model_file_is_plain_data(tmp_path):
+    _, path = saved(tmp_path, width=0.25)
+    record = torch.load(path, weights_only=True)
+    assert record["model"] == "mobilenet_v1" and record["kwargs"] == {"width": 0.25}
+    meta = {k: v for k, v in record.items() if k != "state_dict"}
+    json.dumps(meta)  # everything but the tensors is JSON-able
+    assert record["normalization"]["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
+
+
+def test_load_contract(tmp_path):
+    model, path = saved(tmp_path, width=0.25)
+    loaded = fastmbv1.load(path)
+    assert not loaded.training
+    x = torch.rand(4, 3, 32, 32)
+    out = loaded(x)
+    assert out.shape == (4, 10)
+    torch.testing.assert_close(out, model(x))
+
+
+def test_load_in_a_fresh_process(tmp_path):
+    model, path = saved(tmp_path, width=0.25)
+    x = torch.rand(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch, fastmbv1; m = fastmbv1.load(sys.argv[1]);"
+        "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        timeout=120,
+    )
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x).detach())
+
+
+def test_unnormalised_model_records_no_normalisation(tmp_path):
+    _, path = saved(tmp_path, width=0.25, normalize=False)
+    assert torch.load(path, weights_only=True)["normalization"] is None
+    assert fastmbv1.load(path)(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "folder", "missing", "other-model"])
+def test_bad_model_files_are_one_line_errors(tmp_path, damage):
+    _, path = saved(tmp_path, width=0.25)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "garbage":
+        path.write_bytes(b"not a checkpoint at all")
+    elif damage == "folder":
+        path.unlink()
+        path.mkdir()
+    elif damage == "missing":
+        path.unlink()
+    else:  # weights of another width under this name and kwargs
+        record = torch.load(path, weights_only=True)
+        record["kwargs"] = {"width": 0.5}
+        torch.save(record, path)
+    with pytest.raises(UserError) as e:
+        fastmbv1.load(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_eval_cli_prints_accuracy_and_reports_bad_files(tmp_path, tiny_archive):
+    _, path = saved(tmp_path, width=0.25)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastmbv1",
+            "eval",
+            "--checkpoint",
+            str(path),
+            "--data",
+            str(tiny_archive),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy:" in r.stdout
+    path.write_bytes(b"junk")
+    r = subprocess.run(
+        [sys.executable, "-m", "fastmbv1", "eval", "--checkpoint", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_commands():
+    r = subprocess.run(
+        [sys.executable, "-m", "fastmbv1", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0
+    for command in ("train", "eval"):
+        assert command in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "fastmbv1", "eval", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and "--checkpoint" in r.stdout
