@@ -1,0 +1,92 @@
+"""What a run reports: metrics.jsonl per epoch, time-to-accuracy, summary.json, the terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+THRESHOLDS = (80, 85, 90, 92, 93, 94)
+
+
+class RunLog:
+    """Appends one JSON line per epoch and tracks when each accuracy threshold was first met.
+
+    A progress bar per epoch when stderr is a terminal; one plain line per epoch otherwise.
+    """
+
+    def __init__(self, out: Path, *, budget: float, records: list[dict] | None = None):
+        self.path = out / "metrics.jsonl"
+        self.budget = budget
+        self.records: list[dict] = []
+        self.tta: dict[str, dict | None] = {str(t): None for t in THRESHOLDS}
+        self.interactive = sys.stderr.isatty()
+        # Rewrite what a resumed run already had, so the file matches its checkpoint exactly.
+        self.path.write_text("")
+        for r in records or []:
+            self.add(r, quiet=True)
+
+    def bar(self, epoch: int, steps: int):
+        return tqdm(
+            total=steps,
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=not self.interactive,
+            unit="step",
+            dynamic_ncols=True,
+        )
+
+    def add(self, record: dict, quiet: bool = False) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        acc = record.get("test_acc")
+        if acc is not None:
+            for t in THRESHOLDS:
+                if acc >= t and self.tta[str(t)] is None:
+                    self.tta[str(t)] = {
+                        "epoch": record["epoch"],
+                        "train_s": record["train_s_total"],
+                        "wall_s": record["wall_s"],
+                    }
+        if not quiet:
+            print(format_record(record), flush=True)
+
+    def set_last_test_acc(self, acc: float, eval_s: float) -> None:
+        """Record an evaluation made after the last epoch's line was written."""
+        last = self.records.pop()
+        lines = self.path.read_text().splitlines(keepends=True)
+        self.path.write_text("".join(lines[:-1]))
+        self.add({**last, "test_acc": acc, "eval_s": eval_s}, quiet=True)
+
+
+def format_record(r: dict) -> str:
+    test = f"{r['test_acc']:6.2f}%" if r.get("test_acc") is not None else "   -   "
+    return (
+        f"epoch {r['epoch']:3d}  lr {r['lr']:.4f}  loss {r['train_loss']:.4f}  "
+        f"train {r['train_acc']:6.2f}%  test {test}  {r['images_per_s']:8.0f} img/s  "
+        f"wait {r['data_wait_s']:6.2f}s  train {r['train_s']:7.1f}s  wall {r['wall_s']:7.1f}s"
+    )
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"final test accuracy {s['final_test_acc']:.2f} % after {s['epochs_done']} epochs",
+        f"training {s['train_s']:.1f} s, evaluation {s['eval_s']:.1f} s, wall {s['wall_s']:.1f} s"
+        f" (compile {s['compile_s']:.1f} s), stopped by {s['stopped_by']}",
+        "reached   epoch   train s    wall s",
+    ]
+    for t, hit in s["time_to_accuracy"].items():
+        if hit is None:
+            lines.append(f"  {t:>3} %      -         -         -")
+        else:
+            lines.append(
+                f"  {t:>3} %  {hit['epoch']:6d}  {hit['train_s']:8.1f}  {hit['wall_s']:8.1f}"
+            )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")

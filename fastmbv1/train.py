@@ -1,0 +1,467 @@
+"""The training loop: one run of ``fastmbv1 train``, from config to ``final.pt``.
+
+The wall clock starts when ``train`` is called: loading data, building the pipeline and
+compiling all count against ``cfg.budget``. Training stops early enough to leave time for
+the final evaluation and save (the "reserve", re-estimated from each measured evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fastmbv1 import augment
+from fastmbv1.checkpoint import (
+    latest_training_state,
+    model_from_record,
+    model_record,
+    save_model,
+    save_training_state,
+)
+from fastmbv1.config import TrainConfig
+from fastmbv1.errors import Diverged, Interrupted, UserError
+from fastmbv1.evaluate import autocast, evaluate, pick_device
+from fastmbv1.metrics import RunLog, format_summary, write_json
+from fastmbv1.models import build_model
+from fastmbv1.schedule import lr_factor
+from pipelines import build_pipeline, default_pipeline, unavailable
+from pipelines.cifar10 import load_cifar10
+
+# Seconds kept free at the end of a budget for writing final.pt and summary.json.
+SAVE_RESERVE_S = 1.0
+# Without a GPU, checking the loss every step is free; on CUDA it would sync each step.
+NAN_CHECK_EVERY = {"cpu": 1, "cuda": 25}
+
+
+def resolve(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, list[str]]:
+    """Fill the machine-dependent fields left as None; say which CUDA defaults were skipped."""
+    notes = []
+    cuda = device.type == "cuda"
+    pipeline = cfg.pipeline or default_pipeline(device)
+    reason = unavailable(pipeline, device)
+    if reason:
+        raise UserError(f"pipeline {pipeline!r} cannot run on {device}: {reason}")
+    amp = cfg.amp or ("bf16" if cuda else "off")
+    compile_ = cfg.compile if cfg.compile is not None else cuda
+    if not cuda:
+        skipped = [
+            what
+            for what, default in (
+                ("bf16 autocast", cfg.amp is None),
+                ("torch.compile", cfg.compile is None),
+                ("the DALI GPU pipeline", cfg.pipeline is None),
+            )
+            if default
+        ]
+        if skipped:
+            notes.append(f"no CUDA GPU: skipped {', '.join(skipped)} (CUDA-only defaults)")
+    if amp == "fp16" and not cuda:
+        notes.append("fp16 autocast on the CPU is slow; bf16 or off is the usual choice")
+    return replace(cfg, pipeline=pipeline, amp=amp, compile=compile_), notes
+
+
+def prepare_out(cfg: TrainConfig, resume: str | None, overwrite: bool) -> Path:
+    out = Path(resume or cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {out} is a file")
+    if not resume and (out / "config.json").exists() and not overwrite:
+        raise UserError(f"output folder {out} already holds a run; pass --overwrite or --resume")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output folder {out} is not writable ({e.strerror})") from None
+    return out
+
+
+@contextmanager
+def graceful_interrupts():
+    """First SIGINT/SIGTERM: ask the loop to stop after this step. Second SIGINT: stop now."""
+    flag = {"signal": None}
+
+    def handler(signum, frame):
+        if flag["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signal"] = signal.Signals(signum).name
+        print(
+            f"\n{flag['signal']}: finishing this step and saving a checkpoint "
+            "(SIGINT again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    # Signal handlers can only be set from the main thread (not, say, inside a tuner thread).
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def rng_state() -> dict:
+    return {
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def versions() -> dict:
+    try:
+        from nvidia import dali
+
+        dali_version = dali.__version__
+    except ImportError:
+        dali_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "dali": dali_version}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    model: nn.Module  # the trained network itself (not the compiled wrapper), in eval mode
+    out: Path
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    model: nn.Module | None = None,
+    model_kwargs: dict | None = None,
+    resume: str | None = None,
+    overwrite: bool = False,
+) -> RunResult:
+    """Run one training job; its summary is also written to summary.json.
+
+    ``model``/``model_kwargs`` start from a given network (pruning fine-tunes this way);
+    ``resume`` continues the run in that folder from its newest checkpoint.
+    """
+    t0 = time.perf_counter()
+    device = pick_device(cfg.device)
+    cfg, notes = resolve(cfg, device)
+    # Every input is checked before anything is written: a mistake leaves no half-made run.
+    cifar = load_cifar10(cfg.data)
+    out = prepare_out(cfg, resume, overwrite)
+    state = latest_training_state(out)[0] if resume else None
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+    print("config:", json.dumps(cfg.to_dict()), flush=True)
+    write_json(out / "config.json", cfg.to_dict())
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    pipe_opts = {"num_workers": cfg.num_workers} if cfg.pipeline == "torchvision" else {}
+    # bf16/fp16 batches halve the bytes the pipeline moves; autocast would cast them anyway.
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, torch.float32)
+    train_pipe = build_pipeline(
+        cfg.pipeline,
+        cifar.train_images[: cfg.train_limit],
+        cifar.train_labels[: cfg.train_limit],
+        batch_size=cfg.batch_size,
+        train=True,
+        device=device,
+        seed=cfg.seed,
+        dtype=dtype,
+        **pipe_opts,
+    )
+    test_pipe = build_pipeline(
+        cfg.pipeline,
+        cifar.test_images[: cfg.test_limit],
+        cifar.test_labels[: cfg.test_limit],
+        batch_size=cfg.eval_batch_size,
+        train=False,
+        device=device,
+        seed=cfg.seed,
+        dtype=dtype,
+        **pipe_opts,
+    )
+    steps_per_epoch = len(train_pipe)
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set")
+
+    if state is not None:
+        raw = model_from_record(state["model_record"], out).train()
+        model_kwargs = state["model_record"]["kwargs"]
+        model_name = state["model_record"]["model"]
+    elif model is not None:
+        raw, model_name = model, cfg.model
+        model_kwargs = model_kwargs or {}
+    else:
+        model_kwargs = {"width": cfg.width, "normalize": cfg.normalize}
+        if cfg.dropout:
+            model_kwargs["dropout"] = cfg.dropout
+        raw, model_name = build_model(cfg.model, **model_kwargs), cfg.model
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    raw = raw.to(device, memory_format=memory_format).train()
+    net = torch.compile(raw) if cfg.compile else raw
+
+    optimizer = torch.optim.SGD(
+        raw.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    start_epoch, step, elapsed_before = 0, 0, 0.0
+    train_s_total = eval_s_total = compile_s = 0.0
+    skipped_steps = 0
+    records = []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, step = state["epoch"], state["step"]
+        elapsed_before, records = state["wall_s"], state["metrics"]
+        train_s_total, eval_s_total = state["train_s_total"], state["eval_s_total"]
+        compile_s, skipped_steps = state["compile_s"], state["skipped_steps"]
+        print(f"resuming {out} after epoch {start_epoch} (step {step})", flush=True)
+    log = RunLog(out, budget=cfg.budget, records=records)
+
+    def wall() -> float:
+        return elapsed_before + time.perf_counter() - t0
+
+    total_steps = cfg.epochs * steps_per_epoch
+    eval_estimate = None  # seconds one evaluation takes, once measured
+    step_s = 0.0  # running estimate of one step's wall time, to stop before the budget does
+    n_test = len(cifar.test_labels[: cfg.test_limit])
+    nan_every = NAN_CHECK_EVERY.get(device.type, 1)
+    checkpoint_every = cfg.checkpoint_every
+    stopped_by = "epochs"
+
+    def save_checkpoint(epoch: int) -> Path:
+        return save_training_state(
+            out,
+            epoch,
+            {
+                "config": cfg.to_dict(),
+                "model_record": model_record(raw, model_name, model_kwargs),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng_state(),
+                "epoch": epoch,
+                "step": step,
+                "wall_s": wall(),
+                "train_s_total": train_s_total,
+                "eval_s_total": eval_s_total,
+                "compile_s": compile_s,
+                "skipped_steps": skipped_steps,
+                "metrics": log.records,
+            },
+            cfg.keep,
+        )
+
+    def run_eval() -> float:
+        nonlocal eval_s_total, eval_estimate
+        t = time.perf_counter()
+        correct, total = evaluate(net, test_pipe, device, cfg.amp, cfg.channels_last)
+        eval_estimate = time.perf_counter() - t
+        eval_s_total += eval_estimate
+        return 100.0 * correct / total
+
+    epoch = start_epoch
+    with graceful_interrupts() as interrupt:
+        train_pipe.epoch = start_epoch
+        for epoch in range(start_epoch, cfg.epochs):
+            t_epoch = time.perf_counter()
+            data_wait = 0.0
+            losses = torch.zeros(steps_per_epoch, device=device)
+            lrs = []
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen = done = 0
+            # A CPU generator: mixing draws scalars on the host, so a GPU never syncs for them.
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            batches = iter(train_pipe)
+            bar = log.bar(epoch + 1, steps_per_epoch)
+            t_prev = None
+            for i in range(steps_per_epoch):
+                now = wall()
+                if t_prev is not None:
+                    step_s = now - t_prev if step_s == 0 else 0.8 * step_s + 0.2 * (now - t_prev)
+                t_prev = now
+                # Until an evaluation is measured, assume it costs what training does per image.
+                eval_s = (
+                    eval_estimate if eval_estimate is not None else n_test * step_s / cfg.batch_size
+                )
+                limit = cfg.budget - eval_s - SAVE_RESERVE_S
+                progress = max(step / total_steps, (now + step_s) / max(limit, 1e-9))
+                if progress >= 1.0:
+                    stopped_by = "budget"
+                    break
+                lr = cfg.lr * lr_factor(
+                    cfg.schedule, progress, epoch, warmup=cfg.warmup, decay=cfg.lr_decay
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                t = time.perf_counter()
+                x, y = next(batches)
+                data_wait += time.perf_counter() - t
+                if not cfg.channels_last:
+                    x = x.contiguous()
+                if cfg.cutout:
+                    x = augment.cutout(x, cfg.cutout, gen)
+                x, y_a, y_b, lam = augment.mix(
+                    x, y, mixup=cfg.mixup, cutmix=cfg.cutmix, generator=gen
+                )
+                t_step = time.perf_counter()
+                with autocast(device, cfg.amp):
+                    logits = net(x)
+                    loss = augment.mixed_loss(criterion, logits, y_a, y_b, lam)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scale_before = scaler.get_scale() if scaler.is_enabled() else None
+                scaler.step(optimizer)
+                scaler.update()
+                if scale_before is not None and scaler.get_scale() < scale_before:
+                    skipped_steps += 1  # fp16 overflow: the scaler skipped this step
+                if step == 0 and cfg.compile:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    compile_s = time.perf_counter() - t_step
+                losses[i] = loss.detach()
+                correct += (logits.argmax(1) == y_a).sum()
+                seen += len(y)
+                lrs.append(lr)
+                step += 1
+                done += 1
+                if (i + 1) % nan_every == 0 or i + 1 == steps_per_epoch:
+                    start = max(0, i + 1 - nan_every)
+                    bad = (~torch.isfinite(losses[start : i + 1])).nonzero()
+                    if len(bad):
+                        j = start + int(bad[0])
+                        bad_step = step - (i - j)
+                        raise Diverged(
+                            f"loss became {losses[j].item()} at step {bad_step} (epoch {epoch + 1},"
+                            f" lr {lrs[j]:.4g}); lower --lr or use --amp bf16/off; the last "
+                            f"checkpoint in {out} is from before it"
+                        )
+                bar.update()
+                if log.interactive and i % 20 == 0:  # .item() syncs a GPU: not every step
+                    bar.set_postfix(
+                        loss=f"{loss.item():.3f}", eta_budget=f"{max(cfg.budget - wall(), 0):.0f}s"
+                    )
+                if interrupt["signal"]:
+                    break
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_s = time.perf_counter() - t_epoch
+            train_s_total += train_s
+            if done == 0 and epoch > start_epoch:
+                break  # the budget ran out exactly at an epoch boundary
+            last = (
+                epoch + 1 == cfg.epochs or stopped_by == "budget" or interrupt["signal"] is not None
+            )
+            test_acc = None
+            if last or (epoch + 1) % cfg.eval_every == 0:
+                test_acc = run_eval()
+            log.add(
+                {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "lr": lrs[-1] if lrs else 0.0,
+                    "train_loss": float(losses[:done].mean()) if done else float("nan"),
+                    "train_acc": 100.0 * int(correct) / max(seen, 1),
+                    "test_acc": test_acc,
+                    "train_s": train_s,
+                    "train_s_total": train_s_total,
+                    "eval_s": eval_estimate if test_acc is not None else 0.0,
+                    "eval_s_total": eval_s_total,
+                    "wall_s": wall(),
+                    "data_wait_s": data_wait,
+                    "images_per_s": seen / max(train_s, 1e-9),
+                    "complete": done == steps_per_epoch,
+                }
+            )
+            if checkpoint_every is None:  # auto: every epoch once epochs take over a minute
+                checkpoint_every = 1 if train_s > 60 else 0
+            if interrupt["signal"] or (checkpoint_every and (epoch + 1) % checkpoint_every == 0):
+                path = save_checkpoint(epoch + 1)
+            if interrupt["signal"]:
+                raise Interrupted(
+                    f"{interrupt['signal']} after epoch {epoch + 1} step {step}; saved {path}; "
+                    f"continue with: fastmbv1 train --resume {out}"
+                )
+            if cfg.target_acc is not None and test_acc is not None and test_acc >= cfg.target_acc:
+                stopped_by = "target_acc"
+                break
+            if stopped_by == "budget":
+                break
+
+    if log.records[-1]["test_acc"] is None:
+        log.set_last_test_acc(run_eval(), eval_estimate)
+    final_acc = log.records[-1]["test_acc"]
+    save_model(
+        out / "final.pt",
+        raw,
+        model_name,
+        model_kwargs,
+        meta={"config": cfg.to_dict(), "test_acc": final_acc},
+    )
+    summary = {
+        "final_test_acc": final_acc,
+        "epochs_done": log.records[-1]["epoch"],
+        "steps": step,
+        "stopped_by": stopped_by,
+        "time_to_accuracy": log.tta,
+        "train_s": train_s_total,
+        "eval_s": eval_s_total,
+        "wall_s": wall(),
+        "compile_s": compile_s,
+        "budget_s": cfg.budget,
+        "fp16_skipped_steps": skipped_steps,
+        "peak_memory_bytes": peak_memory(device),
+        "device": device_name(device),
+        "versions": versions(),
+        "params": sum(p.numel() for p in raw.parameters()),
+        "model": model_name,
+        "model_kwargs": model_kwargs,
+    }
+    write_json(out / "summary.json", summary)
+    print(format_summary(summary), flush=True)
+    print(f"saved {out / 'final.pt'}", flush=True)
+    return RunResult(summary, raw.eval(), out)
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,266 @@
+"""Crashes, interrupts, numerical faults and bad input: nothing saved is ever lost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import tiny_batches, write_archive
+
+import fastmbv1
+from fastmbv1 import augment
+from fastmbv1.checkpoint import latest_training_state
+from fastmbv1.config import make_config
+from fastmbv1.errors import Diverged, UserError
+from fastmbv1.train import train
+
+FLAGS = [
+    "--preset",
+    "cpu",
+    "--width",
+    "0.25",
+    "--batch-size",
+    "32",
+    "--eval-batch-size",
+    "64",
+    "--pipeline",
+    "torch",
+    "--checkpoint-every",
+    "1",
+    "--keep",
+    "10",
+]
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
+
+
+def config(tmp_path, data, name="run", **kw):
+    base = dict(
+        preset="cpu",
+        data=str(data),
+        out=str(tmp_path / name),
+        width=0.25,
+        epochs=4,
+        batch_size=32,
+        eval_batch_size=64,
+        pipeline="torch",
+        checkpoint_every=1,
+        keep=10,
+    )
+    return make_config({**base, **kw})
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_times(rs):
+    timing = {
+        "train_s",
+        "train_s_total",
+        "eval_s",
+        "eval_s_total",
+        "wall_s",
+        "data_wait_s",
+        "images_per_s",
+    }
+    return [{k: v for k, v in r.items() if k not in timing} for r in rs]
+
+
+def test_resume_equals_the_uninterrupted_run(tmp_path, data):
+    full = train(config(tmp_path, data, "full", dropout=0.2))
+    # The same run stopped after epoch 2: its folder as it was then, then resumed.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.json").write_bytes((full.out / "config.json").read_bytes())
+    (cut / "checkpoint-0002.pt").write_bytes((full.out / "checkpoint-0002.pt").read_bytes())
+    resumed = train(config(tmp_path, data, "cut", dropout=0.2), resume=str(cut))
+    pairs = zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True)
+    for (k, a), b in pairs:
+        assert torch.equal(a, b), k
+    assert without_times(records(cut)) == without_times(records(full.out))
+    assert resumed.summary["final_test_acc"] == full.summary["final_test_acc"]
+
+
+def run_cli(args, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastmbv1", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(tmp_path, data):
+    out = tmp_path / "run"
+    proc = run_cli(
+        [
+            *FLAGS,
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "500",
+            "--checkpoint-every",
+            "1000",
+        ]
+    )
+    wait_for(lambda: (out / "metrics.jsonl").exists() and records(out), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert f"--resume {out}" in err and "Traceback" not in err
+    state, path = latest_training_state(out)
+    assert state["epoch"] >= 1
+    r = subprocess.run(
+        [sys.executable, "-m", "fastmbv1", "train", "--resume", str(out), "--budget", "20"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    assert records(out)[0]["epoch"] == 1 and records(out)[-1]["epoch"] > state["epoch"]
+    assert fastmbv1.load(out / "final.pt") is not None
+
+
+SLOW_SECOND_SAVE = """
+import sys, time, torch
+import fastmbv1.checkpoint as c
+real_save, calls = torch.save, []
+def slow_save(obj, f, *a, **k):
+    if isinstance(obj, dict) and obj.get("format") == c.TRAIN_FORMAT:
+        calls.append(1)
+        if len(calls) == 2:  # half a checkpoint on disk, then hang until killed
+            f.write(b"PK" * 1000); f.flush()
+            open(sys.argv[1], "w").close()
+            time.sleep(600)
+    return real_save(obj, f, *a, **k)
+torch.save = slow_save
+from fastmbv1.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, data):
+    out, marker = tmp_path / "run", tmp_path / "writing"
+    args = ["train", *FLAGS, "--data", str(data), "--out", str(out), "--epochs", "4"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SECOND_SAVE, str(marker), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(marker.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert sorted(p.name for p in out.glob("checkpoint-*.pt")) == ["checkpoint-0001.pt"]
+    state, _ = latest_training_state(out)
+    assert state["epoch"] == 1
+    r = subprocess.run(
+        [sys.executable, "-m", "fastmbv1", "train", "--resume", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    assert [x["epoch"] for x in records(out)] == [1, 2, 3, 4]
+
+
+def test_nan_is_caught_at_its_step(tmp_path, data, monkeypatch):
+    real, calls = augment.mixed_loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) == 9 else loss
+
+    monkeypatch.setattr(augment, "mixed_loss", poisoned)
+    cfg = config(tmp_path, data, epochs=3)  # 6 steps per epoch: step 9 is in epoch 2
+    with pytest.raises(Diverged, match=r"step 9 \(epoch 2, lr [0-9.e-]+\)") as e:
+        train(cfg)
+    assert "\n" not in str(e.value)
+    state, _ = latest_training_state(tmp_path / "run")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model_record"]["state_dict"].values())
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, data, monkeypatch):
+    real = torch.save
+
+    def filling(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            f.write(b"x" * 100)
+            raise OSError(28, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", filling)
+    with pytest.raises(UserError, match="No space left on device") as e:
+        train(config(tmp_path, data))
+    assert "\n" not in str(e.value)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == ["checkpoint-0001.pt"]
+    assert not list(out.glob(".*.tmp"))
+    assert latest_training_state(out)[0]["epoch"] == 1
+
+
+def cli_error(*args):
+    r = subprocess.run(
+        [sys.executable, "-m", "fastmbv1", *args], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    return r.stderr
+
+
+def test_out_folder_mistakes(tmp_path, data):
+    out = tmp_path / "run"
+    train(config(tmp_path, data, epochs=1))
+    before = sorted(p.name for p in out.iterdir())
+    assert "already holds a run" in cli_error(
+        "train", *FLAGS, "--data", str(data), "--out", str(out)
+    )
+    assert sorted(p.name for p in out.iterdir()) == before
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert "is a file" in cli_error("train", "--out", str(a_file), "--data", str(data))
+    assert "not writable" in cli_error("train", "--out", "/proc/fastmbv1/run", "--data", str(data))
+
+
+def test_resume_refuses_recipe_changes_and_bad_checkpoints(tmp_path, data):
+    out = tmp_path / "run"
+    train(config(tmp_path, data, epochs=1))
+    assert "differs from the run being resumed" in cli_error(
+        "train", "--resume", str(out), "--lr", "0.9"
+    )
+    for p in out.glob("checkpoint-*.pt"):
+        p.write_bytes(p.read_bytes()[:500])
+    assert "no readable checkpoint" in cli_error("train", "--resume", str(out))
+    assert "not a fastmbv1 run folder" in cli_error("train", "--resume", str(tmp_path / "nothing"))
+    assert "unreadable or truncated" in cli_error(
+        "eval", "--checkpoint", str(out / "checkpoint-0001.pt")
+    )
+
+
+def test_data_path_of_the_wrong_kind(tmp_path):
+    wrong = tmp_path / "cifar.zip"
+    wrong.write_bytes(os.urandom(100))
+    assert "is not CIFAR-10" in cli_error(
+        "train", "--data", str(wrong), "--out", str(tmp_path / "r")
+    )

@@ -1,0 +1,209 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_batches, write_archive
+
+import fastmbv1
+from fastmbv1.config import PRESETS, TrainConfig, make_config
+from fastmbv1.schedule import lr_factor
+from fastmbv1.train import train
+
+RECORD_FIELDS = {
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "test_acc",
+    "train_s",
+    "train_s_total",
+    "eval_s",
+    "wall_s",
+    "data_wait_s",
+    "images_per_s",
+}
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
+
+
+def quick(tmp_path, data, **kw):
+    base = dict(
+        preset="cpu",
+        data=str(data),
+        out=str(tmp_path / "run"),
+        width=0.25,
+        epochs=2,
+        batch_size=32,
+        eval_batch_size=64,
+        pipeline="torch",
+    )
+    return make_config({**base, **kw})
+
+
+def test_short_real_run_writes_every_output(tmp_path, real_cifar_path, real_cache, monkeypatch):
+    monkeypatch.setenv("FASTMBV1_CACHE", str(real_cache))
+    cfg = quick(tmp_path, real_cifar_path, train_limit=1024, test_limit=500, epochs=2)
+    result = train(cfg)
+    out = tmp_path / "run"
+    assert json.loads((out / "config.json").read_text())["pipeline"] == "torch"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert r.keys() >= RECORD_FIELDS
+        assert r["test_acc"] is not None and r["images_per_s"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in (
+        "final_test_acc",
+        "time_to_accuracy",
+        "compile_s",
+        "peak_memory_bytes",
+        "device",
+        "versions",
+        "train_s",
+        "eval_s",
+        "wall_s",
+    ):
+        assert key in summary
+    assert set(summary["time_to_accuracy"]) == {"80", "85", "90", "92", "93", "94"}
+    assert summary["final_test_acc"] == records[-1]["test_acc"]
+
+    loaded = fastmbv1.load(out / "final.pt")
+    assert not loaded.training
+    x = torch.rand(16, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.model(x))
+
+
+def test_budget_stops_on_time_and_anneals(tmp_path, tiny_data):
+    cfg = quick(tmp_path, tiny_data, epochs=10_000, budget=5.0, batch_size=8, eval_every=1000)
+    summary = train(cfg).summary
+    assert summary["stopped_by"] == "budget"
+    assert summary["wall_s"] <= cfg.budget + 1.0
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    # The step count alone would leave the LR in its first warm-up steps: time drives it up
+    # to the peak and back down before the budget ends.
+    assert max(lrs) > 0.5 * cfg.lr
+    assert lrs[-1] < 0.35 * cfg.lr
+
+
+def test_onecycle_shape():
+    f = [lr_factor("onecycle", p, 0, warmup=0.2, decay=1) for p in (0, 0.1, 0.2, 0.6, 1.0)]
+    assert f == pytest.approx([0.04, 0.52, 1.0, 0.5, 0.0])
+    assert lr_factor("exponential", 0.5, 3, warmup=0, decay=0.94) == pytest.approx(0.94**3)
+    assert lr_factor("constant", 0.9, 7, warmup=0, decay=0.5) == 1.0
+
+
+def test_target_acc_stops_early(tmp_path, tiny_data):
+    summary = train(quick(tmp_path, tiny_data, epochs=50, target_acc=1.0)).summary
+    assert summary["stopped_by"] == "target_acc"
+    assert summary["epochs_done"] == 1
+
+
+def test_baseline_preset_is_the_original_recipe():
+    cfg = make_config({"preset": "baseline"})
+    original = {
+        "model": "mobilenet_v1",
+        "width": 1.0,
+        "batch_size": 100,
+        "lr": 0.03,
+        "momentum": 0.0,
+        "nesterov": False,
+        "weight_decay": 5e-4,
+        "epochs": 100,
+        "schedule": "constant",
+        "normalize": False,
+        "pipeline": "torchvision",
+        "num_workers": 0,
+        "amp": "off",
+        "compile": False,
+        "label_smoothing": 0.0,
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        "cutout": 0,
+        "dropout": 0.0,
+    }
+    assert {k: getattr(cfg, k) for k in original} == original
+    assert set(PRESETS["baseline"]) <= set(TrainConfig.__dataclass_fields__)
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "fastmbv1", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["train", "--bogus"], "unrecognized arguments: --bogus"),
+        (["train", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["train", "--budget", "-5"], "--budget must be > 0"),
+        (["train", "--width", "0"], "--width must be > 0"),
+        (["train", "--lr", "fast"], "invalid float value"),
+        (["train", "--amp", "fp8"], "invalid choice"),
+        (["train", "--preset", "nope"], "unknown preset"),
+        (["train", "--config", "missing.toml"], "does not exist"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(args, pattern):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert pattern in r.stderr
+
+
+def test_bad_config_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = 'high'\n")
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("learning_rate = 0.1\n")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("lr = = 1\n")
+    for path, pattern in [
+        (bad, "lr must be of type float"),
+        (unknown, "unknown field"),
+        (broken, "not valid TOML"),
+    ]:
+        r = run_cli("train", "--config", str(path))
+        assert r.returncode == 2 and pattern in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_file_and_flags_precedence(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('preset = "baseline"\nlr = 0.05\nepochs = 3\n')
+    cfg = make_config({"epochs": 7}, str(f))
+    assert (cfg.preset, cfg.lr, cfg.epochs, cfg.batch_size) == ("baseline", 0.05, 7, 100)
+
+
+@pytest.mark.slow
+def test_real_cifar_learns_on_the_cpu(tmp_path, real_cifar_path, real_cache, monkeypatch):
+    """A bounded real run: a broken trainer stays near 10 %; this must get far above it."""
+    monkeypatch.setenv("FASTMBV1_CACHE", str(real_cache))
+    cfg = make_config(
+        {
+            "preset": "cpu",
+            "data": str(real_cifar_path),
+            "out": str(tmp_path / "r"),
+            "budget": 150.0,
+            "epochs": 4,
+            "width": 0.25,
+            "eval_every": 100,
+            "test_limit": 2000,
+        }
+    )
+    summary = train(cfg).summary
+    assert summary["wall_s"] <= 155
+    assert summary["final_test_acc"] > 45.0, summary["final_test_acc"]
+    assert np.isfinite(summary["train_s"])
