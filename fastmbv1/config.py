@@ -61,6 +61,7 @@ class TrainConfig:
     budget: float = opt(3600.0, "wall-clock seconds for the whole run, compile and eval included")
     target_acc: float | None = opt(None, "stop once the test accuracy reaches this (percent)")
     eval_every: int = opt(1, "evaluate on the test set every K epochs (and always at the end)")
+    sync_bn: bool = opt(False, "SyncBatchNorm across ranks under torchrun")
     checkpoint_every: int | None = opt(
         None,
         "save a resumable checkpoint every N epochs (default: each epoch when epochs "

@@ -17,14 +17,18 @@ class RunLog:
     A progress bar per epoch when stderr is a terminal; one plain line per epoch otherwise.
     """
 
-    def __init__(self, out: Path, *, budget: float, records: list[dict] | None = None):
+    def __init__(
+        self, out: Path, *, budget: float, records: list[dict] | None = None, write: bool = True
+    ):
         self.path = out / "metrics.jsonl"
         self.budget = budget
+        self.write = write  # False on ranks other than 0: keep the records, write nothing
         self.records: list[dict] = []
         self.tta: dict[str, dict | None] = {str(t): None for t in THRESHOLDS}
-        self.interactive = sys.stderr.isatty()
+        self.interactive = write and sys.stderr.isatty()
         # Rewrite what a resumed run already had, so the file matches its checkpoint exactly.
-        self.path.write_text("")
+        if write:
+            self.path.write_text("")
         for r in records or []:
             self.add(r, quiet=True)
 
@@ -40,8 +44,9 @@ class RunLog:
 
     def add(self, record: dict, quiet: bool = False) -> None:
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         acc = record.get("test_acc")
         if acc is not None:
             for t in THRESHOLDS:
@@ -51,14 +56,15 @@ class RunLog:
                         "train_s": record["train_s_total"],
                         "wall_s": record["wall_s"],
                     }
-        if not quiet:
+        if self.write and not quiet:
             print(format_record(record), flush=True)
 
     def set_last_test_acc(self, acc: float, eval_s: float) -> None:
         """Record an evaluation made after the last epoch's line was written."""
         last = self.records.pop()
-        lines = self.path.read_text().splitlines(keepends=True)
-        self.path.write_text("".join(lines[:-1]))
+        if self.write:
+            lines = self.path.read_text().splitlines(keepends=True)
+            self.path.write_text("".join(lines[:-1]))
         self.add({**last, "test_acc": acc, "eval_s": eval_s}, quiet=True)
 
 

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
-from fastmbv1 import augment
+from fastmbv1 import augment, distributed
 from fastmbv1.checkpoint import (
     latest_training_state,
     model_from_record,
@@ -74,8 +75,10 @@ def resolve(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, list[s
     return replace(cfg, pipeline=pipeline, amp=amp, compile=compile_), notes
 
 
-def prepare_out(cfg: TrainConfig, resume: str | None, overwrite: bool) -> Path:
+def prepare_out(cfg: TrainConfig, resume: str | None, overwrite: bool, write: bool) -> Path:
     out = Path(resume or cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if not write:
+        return out
     if out.exists() and not out.is_dir():
         raise UserError(f"output folder {out} is a file")
     if not resume and (out / "config.json").exists() and not overwrite:
@@ -171,15 +174,20 @@ def train(
     """
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
+    world = distributed.init(device)
+    device = world.device(device)
     cfg, notes = resolve(cfg, device)
+    per_rank_batch = distributed.split_batch(cfg.batch_size, world)
     # Every input is checked before anything is written: a mistake leaves no half-made run.
     cifar = load_cifar10(cfg.data)
-    out = prepare_out(cfg, resume, overwrite)
+    out = prepare_out(cfg, resume, overwrite, write=world.main)
     state = latest_training_state(out)[0] if resume else None
+    say = print if world.main else (lambda *a, **k: None)  # only rank 0 talks and writes
     for note in notes:
-        print(f"warning: {note}", file=sys.stderr, flush=True)
-    print("config:", json.dumps(cfg.to_dict()), flush=True)
-    write_json(out / "config.json", cfg.to_dict())
+        say(f"warning: {note}", file=sys.stderr, flush=True)
+    say("config:", json.dumps(cfg.to_dict()), flush=True)
+    if world.main:
+        write_json(out / "config.json", cfg.to_dict())
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -187,16 +195,21 @@ def train(
     pipe_opts = {"num_workers": cfg.num_workers} if cfg.pipeline == "torchvision" else {}
     # bf16/fp16 batches halve the bytes the pipeline moves; autocast would cast them anyway.
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, torch.float32)
+    common = dict(
+        device=device,
+        seed=cfg.seed,
+        dtype=dtype,
+        rank=world.rank,
+        world_size=world.size,
+        **pipe_opts,
+    )
     train_pipe = build_pipeline(
         cfg.pipeline,
         cifar.train_images[: cfg.train_limit],
         cifar.train_labels[: cfg.train_limit],
-        batch_size=cfg.batch_size,
+        batch_size=per_rank_batch,
         train=True,
-        device=device,
-        seed=cfg.seed,
-        dtype=dtype,
-        **pipe_opts,
+        **common,
     )
     test_pipe = build_pipeline(
         cfg.pipeline,
@@ -204,22 +217,17 @@ def train(
         cifar.test_labels[: cfg.test_limit],
         batch_size=cfg.eval_batch_size,
         train=False,
-        device=device,
-        seed=cfg.seed,
-        dtype=dtype,
-        **pipe_opts,
+        **common,
     )
     steps_per_epoch = len(train_pipe)
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set")
 
     if state is not None:
-        raw = model_from_record(state["model_record"], out).train()
-        model_kwargs = state["model_record"]["kwargs"]
-        model_name = state["model_record"]["model"]
+        raw = model_from_record(state["model_record"], out)
+        model_name, model_kwargs = state["model_record"]["model"], state["model_record"]["kwargs"]
     elif model is not None:
-        raw, model_name = model, cfg.model
-        model_kwargs = model_kwargs or {}
+        raw, model_name, model_kwargs = model, cfg.model, model_kwargs or {}
     else:
         model_kwargs = {"width": cfg.width, "normalize": cfg.normalize}
         if cfg.dropout:
@@ -227,7 +235,14 @@ def train(
         raw, model_name = build_model(cfg.model, **model_kwargs), cfg.model
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     raw = raw.to(device, memory_format=memory_format).train()
-    net = torch.compile(raw) if cfg.compile else raw
+    net = raw
+    if world.active:
+        if cfg.sync_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = DistributedDataParallel(
+            net, device_ids=[device.index] if device.index is not None else None
+        )
+    net = torch.compile(net) if cfg.compile else net
 
     optimizer = torch.optim.SGD(
         raw.parameters(),
@@ -251,8 +266,8 @@ def train(
         elapsed_before, records = state["wall_s"], state["metrics"]
         train_s_total, eval_s_total = state["train_s_total"], state["eval_s_total"]
         compile_s, skipped_steps = state["compile_s"], state["skipped_steps"]
-        print(f"resuming {out} after epoch {start_epoch} (step {step})", flush=True)
-    log = RunLog(out, budget=cfg.budget, records=records)
+        say(f"resuming {out} after epoch {start_epoch} (step {step})", flush=True)
+    log = RunLog(out, budget=cfg.budget, records=records, write=world.main)
 
     def wall() -> float:
         return elapsed_before + time.perf_counter() - t0
@@ -265,7 +280,9 @@ def train(
     checkpoint_every = cfg.checkpoint_every
     stopped_by = "epochs"
 
-    def save_checkpoint(epoch: int) -> Path:
+    def save_checkpoint(epoch: int) -> Path | None:
+        if not world.main:
+            return None
         return save_training_state(
             out,
             epoch,
@@ -290,7 +307,10 @@ def train(
     def run_eval() -> float:
         nonlocal eval_s_total, eval_estimate
         t = time.perf_counter()
-        correct, total = evaluate(net, test_pipe, device, cfg.amp, cfg.channels_last)
+        # Each rank scores its own slice of the test set; the sums are the exact accuracy.
+        correct, total = world.sum(
+            list(evaluate(net, test_pipe, device, cfg.amp, cfg.channels_last)), device
+        )
         eval_estimate = time.perf_counter() - t
         eval_s_total += eval_estimate
         return 100.0 * correct / total
@@ -321,6 +341,10 @@ def train(
                 )
                 limit = cfg.budget - eval_s - SAVE_RESERVE_S
                 progress = max(step / total_steps, (now + step_s) / max(limit, 1e-9))
+                progress, stop = world.agree(progress, bool(interrupt["signal"]), device)
+                if stop:
+                    interrupt["signal"] = interrupt["signal"] or "a signal on another rank"
+                    break
                 if progress >= 1.0:
                     stopped_by = "budget"
                     break
@@ -376,9 +400,11 @@ def train(
                     bar.set_postfix(
                         loss=f"{loss.item():.3f}", eta_budget=f"{max(cfg.budget - wall(), 0):.0f}s"
                     )
-                if interrupt["signal"]:
-                    break
             bar.close()
+            # A signal during the epoch's last step: every rank must see it before deciding.
+            _, stop = world.agree(0.0, bool(interrupt["signal"]), device)
+            if stop:
+                interrupt["signal"] = interrupt["signal"] or "a signal on another rank"
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_s = time.perf_counter() - t_epoch
@@ -427,13 +453,6 @@ def train(
     if log.records[-1]["test_acc"] is None:
         log.set_last_test_acc(run_eval(), eval_estimate)
     final_acc = log.records[-1]["test_acc"]
-    save_model(
-        out / "final.pt",
-        raw,
-        model_name,
-        model_kwargs,
-        meta={"config": cfg.to_dict(), "test_acc": final_acc},
-    )
     summary = {
         "final_test_acc": final_acc,
         "epochs_done": log.records[-1]["epoch"],
@@ -453,9 +472,13 @@ def train(
         "model": model_name,
         "model_kwargs": model_kwargs,
     }
-    write_json(out / "summary.json", summary)
-    print(format_summary(summary), flush=True)
-    print(f"saved {out / 'final.pt'}", flush=True)
+    if world.main:
+        meta = {"config": cfg.to_dict(), "test_acc": final_acc}
+        save_model(out / "final.pt", raw, model_name, model_kwargs, meta=meta)
+        write_json(out / "summary.json", summary)
+        print(format_summary(summary), flush=True)
+        print(f"saved {out / 'final.pt'}", flush=True)
+    world.barrier()
     return RunResult(summary, raw.eval(), out)
 
 

@@ -1,0 +1,87 @@
+"""Data parallelism under ``torchrun``: one process per GPU (NCCL) or per CPU worker (gloo).
+
+``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything here is a no-op
+for a single process. ``--batch-size`` is the global batch: each of N ranks takes 1/N of it,
+so a recipe (batch, LR, steps per epoch) means the same thing on 1 GPU or on N.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fastmbv1.errors import UserError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def device(self, device: torch.device) -> torch.device:
+        """On CUDA each rank drives the GPU of its local rank."""
+        if device.type == "cuda" and self.active:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def agree(self, progress: float, stop: bool, device: torch.device) -> tuple[float, bool]:
+        """Every rank gets the largest progress and whether any rank must stop.
+
+        Ranks must take the same LR and stop at the same step, or their weights drift and
+        a rank waits forever in an all-reduce that the others never join.
+        """
+        if not self.active:
+            return progress, stop
+        t = torch.tensor([progress, float(stop)], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t[0]), bool(t[1])
+
+    def sum(self, values: list[int], device: torch.device) -> list[int]:
+        if not self.active:
+            return values
+        t = torch.tensor(values, dtype=torch.int64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def init(device: torch.device) -> World:
+    """Join the process group that torchrun describes in the environment (if any)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world
+
+
+def split_batch(batch_size: int, world: World) -> int:
+    if batch_size % world.size:
+        raise UserError(
+            f"--batch-size {batch_size} (the global batch) must divide evenly over "
+            f"{world.size} ranks"
+        )
+    return batch_size // world.size
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
