@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -166,11 +167,13 @@ def train(
     model_kwargs: dict | None = None,
     resume: str | None = None,
     overwrite: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> RunResult:
     """Run one training job; its summary is also written to summary.json.
 
     ``model``/``model_kwargs`` start from a given network (pruning fine-tunes this way);
-    ``resume`` continues the run in that folder from its newest checkpoint.
+    ``resume`` continues the run in that folder from its newest checkpoint; ``on_epoch``
+    sees each epoch's metrics record (a tuner reports them, and may raise to stop the run).
     """
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
@@ -435,6 +438,8 @@ def train(
                     "complete": done == steps_per_epoch,
                 }
             )
+            if on_epoch is not None:
+                on_epoch(log.records[-1])
             if checkpoint_every is None:  # auto: every epoch once epochs take over a minute
                 checkpoint_every = 1 if train_s > 60 else 0
             if interrupt["signal"] or (checkpoint_every and (epoch + 1) % checkpoint_every == 0):
