@@ -23,4 +23,4 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return MODELS[name](**kwargs)
 
 
-from fastmbv1.models import mobilenet  # noqa: E402,F401  (registers its models)
+from fastmbv1.models import custom_mobilenet, mobilenet  # noqa: E402,F401  (register models)

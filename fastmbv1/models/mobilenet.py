@@ -39,12 +39,16 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(
+def conv_bn(
+    cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, relu: bool = True
+) -> nn.Sequential:
+    layers = [
         nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+    ]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
 
 
 class Block(nn.Module):
@@ -78,7 +82,7 @@ class MobileNetV1(nn.Module):
         self.blocks = nn.Sequential(
             *(
                 Block(cin, cout, stride)
-                for cin, cout, (_, stride) in zip(channels[:-1], channels[1:], BLOCKS)
+                for cin, cout, (_, stride) in zip(channels[:-1], channels[1:], BLOCKS, strict=True)
             )
         )
         self.pool = nn.AdaptiveAvgPool2d(1)

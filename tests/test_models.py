@@ -1,0 +1,85 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import fastmbv1
+from fastmbv1.checkpoint import save_model
+from fastmbv1.errors import UserError
+from fastmbv1.models import MODELS, build_model
+
+PARAMS = {"mobilenet_v1": 3_217_226, "custom_mobilenet": 1_001_642}
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_parameter_count_matches_the_original(name):
+    assert n_params(build_model(name)) == PARAMS[name]
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_half_width_is_smaller(name):
+    assert n_params(build_model(name, width=0.5)) < PARAMS[name] / 3
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_depthwise_convs_are_grouped_per_channel(name):
+    convs = [m for m in build_model(name).modules() if isinstance(m, nn.Conv2d)]
+    depthwise = [c for c in convs if c.kernel_size == (3, 3) and c.in_channels > 3]
+    assert len(depthwise) == {"mobilenet_v1": 13, "custom_mobilenet": 22}[name]
+    for conv in depthwise:
+        assert conv.groups == conv.in_channels == conv.out_channels
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_forward_shape(name):
+    model = build_model(name, width=0.25).eval()
+    assert model(torch.rand(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_custom_mobilenet_residual_layout():
+    blocks = build_model("custom_mobilenet").blocks
+    projecting = [i for i, b in enumerate(blocks) if not isinstance(b.shortcut, nn.Identity)]
+    # Channel changes at blocks 0 (16->32), 3, 7, 16 and 20 (stride 2 at the last four).
+    assert projecting == [0, 3, 7, 16, 20]
+
+
+def prune(channels: list[int], name: str) -> list[int]:
+    """Narrower widths that keep every identity-shortcut block's in == out."""
+    base = build_model(name).blocks
+    out = [max(1, c - 3) for c in channels]
+    if name == "custom_mobilenet":  # a stage shares one width across its identity blocks
+        for i, block in enumerate(base):
+            if isinstance(block.shortcut, nn.Identity):
+                out[i + 1] = out[i]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_channels_override_round_trips_through_a_model_file(name, tmp_path):
+    full = build_model(name, width=0.25)
+    widths = [full.stem[0].out_channels] + [b.pointwise[0].out_channels for b in full.blocks]
+    kwargs = {"channels": prune(widths, name)}
+    model = build_model(name, **kwargs).eval()
+    assert n_params(model) < n_params(full)
+    path = tmp_path / "pruned.pt"
+    save_model(path, model, name, kwargs)
+    loaded = fastmbv1.load(path)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_custom_mobilenet_rejects_identity_blocks_of_unequal_widths():
+    channels = [16] + [32] * 3 + [64] * 4 + [128] * 9 + [256] * 4 + [512] * 2
+    channels[2] = 31  # block 1 is an identity block: 32 -> 31 cannot be added to its input
+    with pytest.raises(ValueError, match="identity shortcut"):
+        build_model("custom_mobilenet", channels=channels)
+
+
+def test_unknown_model_is_a_user_error():
+    with pytest.raises(UserError, match="unknown model"):
+        build_model("resnet9000")
+    assert {"mobilenet_v1", "custom_mobilenet"} <= set(MODELS)
