@@ -232,9 +232,7 @@ def train(
     elif model is not None:
         raw, model_name, model_kwargs = model, cfg.model, model_kwargs or {}
     else:
-        model_kwargs = {"width": cfg.width, "normalize": cfg.normalize}
-        if cfg.dropout:
-            model_kwargs["dropout"] = cfg.dropout
+        model_kwargs = {"width": cfg.width, "normalize": cfg.normalize, "dropout": cfg.dropout}
         raw, model_name = build_model(cfg.model, **model_kwargs), cfg.model
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     raw = raw.to(device, memory_format=memory_format).train()

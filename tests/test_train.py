@@ -133,6 +133,24 @@ def test_baseline_preset_is_the_original_recipe():
     assert set(PRESETS["baseline"]) <= set(TrainConfig.__dataclass_fields__)
 
 
+def test_custom_preset_is_the_original_custom_recipe():
+    cfg = make_config({"preset": "custom"})
+    original = {
+        "model": "custom_mobilenet",
+        "batch_size": 500,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 2.5e-3,
+        "schedule": "exponential",
+        "lr_decay": 0.94,
+        "mixup": 1.0,
+        "epochs": 105,
+        "pipeline": "torchvision",
+        "dropout": 0.5,
+    }
+    assert {k: getattr(cfg, k) for k in original} == original
+
+
 def run_cli(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "fastmbv1", *args],
