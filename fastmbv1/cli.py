@@ -39,6 +39,7 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fastmbv1 import distributed
     from fastmbv1.config import make_config, resume_config
     from fastmbv1.train import train
 
@@ -47,7 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resume_config(args.resume, overrides)
     else:
         cfg = make_config(overrides, args.config)
-    train(cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        distributed.shutdown()
     return 0
 
 
@@ -57,6 +61,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     acc = evaluate_checkpoint(args.checkpoint, data=args.data, device=args.device)
     print(f"test accuracy: {acc:.2f} %")
     return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from fastmbv1.info import run
+
+    return run(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fastmbv1.export import run
+
+    return run(args)
 
 
 def build_parser() -> Parser:
@@ -76,6 +92,23 @@ def build_parser() -> Parser:
     p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="parameters, MACs, file size, latency and throughput")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", metavar="NAME", help="registered model, freshly initialised")
+    which.add_argument("--checkpoint", metavar="PATH", help="a saved model or checkpoint")
+    p.add_argument("--width", type=float, metavar="W", help="width multiplier (default 1.0)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--repeats", type=int, default=20, metavar="N", help="timed passes")
+    p.add_argument("--batch-size", type=int, default=512, metavar="B", help="throughput batch")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export", help="write a saved model as ONNX or TorchScript")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="final.pt or a checkpoint")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--out", metavar="FILE", help="default: the checkpoint's name, new suffix")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
