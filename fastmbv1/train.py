@@ -121,17 +121,26 @@ def graceful_interrupts():
 
 
 def rng_state() -> dict:
+    """Every global generator's state, as tensors and plain numbers (weights_only-safe)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
     return {
-        "python": list(random.getstate()[1]),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    random.setstate(state["python"])
+    n = state["numpy"]
+    key = n["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -150,7 +159,13 @@ def versions() -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    model = platform.processor() or platform.machine()
+    try:  # platform.processor() is empty on most Linux systems; cpuinfo names the model
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 @dataclass

@@ -264,3 +264,20 @@ def test_data_path_of_the_wrong_kind(tmp_path):
     assert "is not CIFAR-10" in cli_error(
         "train", "--data", str(wrong), "--out", str(tmp_path / "r")
     )
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from fastmbv1.train import rng_state, set_rng_state
+
+    random.seed(1)
+    np.random.seed(2)
+    np.random.randn()  # leaves a cached Gaussian and a mid-block position to restore
+    torch.manual_seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.randn(), torch.rand(3).tolist())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.randn(), torch.rand(3).tolist()) == expected
