@@ -210,6 +210,8 @@ def train(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    # Fixed shapes every step: let cuDNN pick its fastest depthwise/pointwise kernels once.
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     pipe_opts = {"num_workers": cfg.num_workers} if cfg.pipeline == "torchvision" else {}
     # bf16/fp16 batches halve the bytes the pipeline moves; autocast would cast them anyway.
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, torch.float32)
