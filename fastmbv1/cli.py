@@ -6,7 +6,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from fastmbv1.config import TrainConfig, dash
+from fastmbv1.config import PRESETS, TrainConfig, dash
 from fastmbv1.errors import FastError
 
 
@@ -75,6 +75,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from fastmbv1.tune import run
+
+    return run(args)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="fastmbv1", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(
@@ -109,6 +115,26 @@ def build_parser() -> Parser:
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
     p.add_argument("--out", metavar="FILE", help="default: the checkpoint's name, new suffix")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("tune", help="search recipes for the shortest time to an accuracy (Optuna)")
+    p.add_argument("--target-acc", type=float, required=True, metavar="A", help="percent to reach")
+    p.add_argument(
+        "--trial-budget", type=float, required=True, metavar="SECONDS", help="budget per trial"
+    )
+    p.add_argument(
+        "--trials", type=int, required=True, metavar="N", help="finished trials the study needs"
+    )
+    p.add_argument("--space", metavar="FILE", help="TOML search space (default: built in)")
+    p.add_argument("--study", default="fastmbv1", metavar="NAME", help="study name in the storage")
+    p.add_argument(
+        "--storage", metavar="URL", help="SQLAlchemy URL (default: sqlite:///OUT/tune.db)"
+    )
+    p.add_argument("--out", default="runs/tune", metavar="DIR", help="trials, best.toml, plots")
+    p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder")
+    p.add_argument("--preset", choices=tuple(PRESETS), help="recipe the trials start from")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampler and training seed")
+    p.set_defaults(func=cmd_tune)
+
     return parser
 
 

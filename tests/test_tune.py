@@ -1,0 +1,178 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import tiny_batches, write_archive
+
+optuna = pytest.importorskip("optuna")
+
+from optuna.trial import TrialState  # noqa: E402
+
+from fastmbv1.cli import main  # noqa: E402
+from fastmbv1.config import make_config  # noqa: E402
+from fastmbv1.tune import score  # noqa: E402
+
+# Small and fast: a quarter-width network, 200 training images, a few seconds per trial.
+SPACE = """
+[lr]
+type = "float"
+low = 0.05
+high = 0.5
+log = true
+
+[batch_size]
+type = "categorical"
+choices = [32, 64]
+
+[fixed]
+preset = "cpu"
+width = 0.25
+epochs = 30
+eval_batch_size = 64
+pipeline = "torch"
+"""
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    data = write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    return data, space
+
+
+def tune_args(tmp_path, data, space) -> list[str]:
+    return [
+        "tune",
+        "--target-acc", "15",
+        "--trial-budget", "3",
+        "--trials", "3",
+        "--space", str(space),
+        "--data", str(data),
+        "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+
+
+def load(tmp_path) -> optuna.Study:
+    storage = f"sqlite:///{(tmp_path / 'out' / 'tune.db').as_posix()}"
+    return optuna.load_study(study_name="fastmbv1", storage=storage)
+
+
+def test_study_writes_best_config_tables_and_plots(tmp_path, inputs, capsys):
+    assert main(tune_args(tmp_path, *inputs)) == 0
+    out = tmp_path / "out"
+    study = load(tmp_path)
+    assert len(study.get_trials(states=FINISHED)) == 3
+    assert all((out / f"trial-{n:04d}" / "config.json").exists() for n in range(3))
+
+    cfg = make_config({}, str(out / "best.toml"))
+    assert cfg.lr == pytest.approx(study.best_params["lr"])
+    assert cfg.batch_size == study.best_params["batch_size"]
+    assert (cfg.width, cfg.target_acc, cfg.budget) == (0.25, 15.0, 3.0)
+    for name in ("history.png", "importances.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "trials.md").read_text().splitlines()) == 2 + 3
+    assert (out / "trials.csv").read_text().startswith("trial,state,value")
+    assert "| trial | state | value |" in capsys.readouterr().out
+
+    # The same command again has nothing left to run; another target cannot share the study.
+    assert main(tune_args(tmp_path, *inputs)) == 0
+    assert len(load(tmp_path).trials) == 3
+    args = tune_args(tmp_path, *inputs)
+    args[args.index("--target-acc") + 1] = "20"
+    assert main(args) == 2
+    assert "use another --study" in capsys.readouterr().err
+
+
+def test_killed_tuner_continues_the_same_study(tmp_path, inputs):
+    args = tune_args(tmp_path, *inputs)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastmbv1", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    second = tmp_path / "out" / "trial-0001"
+    deadline = time.monotonic() + 120
+    while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert second.exists() and proc.poll() is None, "the 2nd trial never started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    before = load(tmp_path)
+    assert [t.state for t in before.trials[:2]] == [TrialState.COMPLETE, TrialState.RUNNING]
+    first_value = before.trials[0].value
+
+    assert main(args) == 0
+    study = load(tmp_path)
+    assert study.trials[0].value == first_value
+    assert study.trials[1].state == TrialState.FAIL
+    assert [t.number for t in study.get_trials(states=FINISHED)] == [0, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "flags, space",
+    [
+        (["--trials", "0"], SPACE),
+        (["--trial-budget", "-1"], SPACE),
+        ([], SPACE + '\n[colour]\ntype = "categorical"\nchoices = ["red"]\n'),
+        ([], SPACE.replace("low = 0.05", 'low = "small"')),
+        ([], SPACE + '\n[epochs]\ntype = "float"\nlow = 1.0\nhigh = 5.0\n'),
+        ([], SPACE.replace("choices = [32, 64]", "choices = []")),
+        ([], SPACE.replace("[fixed]", "[fixed]\nbudget = 5.0")),
+        ([], SPACE.replace("width = 0.25", "width = -1.0")),
+        ([], SPACE + "\n[momentum\n"),
+    ],
+)
+def test_bad_inputs_exit_2_in_one_line(tmp_path, inputs, capsys, flags, space):
+    inputs[1].write_text(space)
+    args = tune_args(tmp_path, *inputs)
+    for flag, value in zip(flags[::2], flags[1::2], strict=True):
+        args[args.index(flag) + 1] = value
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmbv1 tune: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_misses_rank_below_every_hit_and_by_distance():
+    budget, target = 120.0, 70.0
+    hit = score(119.0, 70.5, target, budget)
+    near, far = score(None, 69.0, target, budget), score(None, 40.0, target, budget)
+    assert hit == 119.0 < near < far
+    assert score(130.0, 71.0, target, budget) == budget  # a first step over the budget
+
+
+def test_reporter_prunes_a_trial_behind_the_median_on_the_time_grid():
+    from fastmbv1.tune import GRID, Reporter
+
+    study = optuna.create_study(
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=GRID // 4)
+    )
+    budget, target = 100.0, 70.0
+
+    def run(accs_every_10s: list[float]) -> float:
+        trial = study.ask()
+        reporter = Reporter(trial, target, budget)
+        for i, acc in enumerate(accs_every_10s, 1):
+            try:
+                reporter({"test_acc": acc, "train_s_total": 10.0 * i})
+            except optuna.TrialPruned:
+                study.tell(trial, state=TrialState.PRUNED)
+                return i
+        reporter.report_until(GRID)
+        study.tell(trial, score(reporter.reached_s, reporter.best, target, budget))
+        return len(accs_every_10s)
+
+    assert run([30, 50, 72]) == 3
+    assert run([20, 40, 60, 71]) == 4
+    # Steps are 5 s: reports at 10 and 20 s fall in the warm-up quarter, the one at 30 s prunes.
+    assert run([10, 12, 14, 16, 18, 20]) == 3
+    hit = study.trials[0]
+    assert hit.value == 30.0 and hit.intermediate_values[GRID] == -72
+    # At 25 s (step 5) the best known was the 50 % measured at 20 s; at 5 s nothing yet.
+    assert hit.intermediate_values[5] == -50 and hit.intermediate_values[1] == 0
