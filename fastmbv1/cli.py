@@ -81,6 +81,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from fastmbv1.prune import run
+
+    return run(args, config_overrides(args))
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="fastmbv1", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(
@@ -135,6 +141,14 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampler and training seed")
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("prune", help="remove channels (Torch-Pruning), fine-tune, compare")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="final.pt or a checkpoint")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=float, metavar="R", help="fraction of channels to remove")
+    how.add_argument("--target-macs", type=float, metavar="M", help="prune to <= M MACs/image")
+    add_config_flags(p)  # the fine-tuning run; --preset defaults to the checkpoint's
+    p.add_argument("--overwrite", action="store_true", help="reuse an --out folder holding a run")
+    p.set_defaults(func=cmd_prune)
     return parser
 
 

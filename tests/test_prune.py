@@ -1,0 +1,123 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import tiny_batches, write_archive
+
+import fastmbv1
+from fastmbv1 import prune
+from fastmbv1.checkpoint import save_model
+from fastmbv1.cli import main
+from fastmbv1.errors import UserError
+from fastmbv1.info import model_cost
+from fastmbv1.models import build_model
+from fastmbv1.prune import prune_model
+
+
+def trained_like(name: str, **kwargs) -> nn.Module:
+    """A model whose BN statistics are not the defaults, so pruning them wrongly would show."""
+    torch.manual_seed(0)
+    model = build_model(name, **kwargs)
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, 32, 32))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v1", "custom_mobilenet"])
+def test_half_the_channels_cuts_macs_and_keeps_the_structure(name):
+    model = trained_like(name)
+    pruned, channels = prune_model(model, name, {}, ratio=0.5)
+    assert model_cost(pruned)["macs"] <= 0.6 * model_cost(model)["macs"]
+    assert channels == [pruned.stem[0].out_channels] + [
+        b.pointwise[0].out_channels for b in pruned.blocks
+    ]
+    for block in pruned.blocks:
+        dw = block.depthwise[0]
+        assert dw.groups == dw.in_channels == dw.out_channels
+        if isinstance(getattr(block, "shortcut", None), nn.Identity):  # identity residual add
+            assert dw.in_channels == block.pointwise[0].out_channels
+    assert pruned(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert model.stem[0].out_channels == (32 if name == "mobilenet_v1" else 16)  # a copy pruned
+
+
+def test_pruned_model_loads_in_a_fresh_process(tmp_path):
+    name, kwargs = "custom_mobilenet", {"width": 0.5}
+    pruned, channels = prune_model(trained_like(name, **kwargs), name, kwargs, ratio=0.3)
+    path = tmp_path / "pruned.pt"
+    save_model(path, pruned, name, {**kwargs, "channels": channels})
+    x = torch.rand(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch, fastmbv1; m = fastmbv1.load(sys.argv[1]);"
+        "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        timeout=120,
+    )
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), pruned(x).detach())
+
+
+def test_target_macs_is_met(monkeypatch):
+    name, kwargs = "mobilenet_v1", {"width": 0.25}
+    model = trained_like(name, **kwargs)
+    target = 0.5 * model_cost(model)["macs"]
+    pruned, _ = prune_model(model, name, kwargs, target_macs=target)
+    assert 0.3 * target < model_cost(pruned)["macs"] <= target
+    monkeypatch.setattr(prune, "TARGET_STEPS", 3)  # coarse steps reach the limit sooner
+    with pytest.raises(UserError, match="out of reach"):
+        prune_model(model, name, kwargs, target_macs=1000)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    name, kwargs = "mobilenet_v1", {"width": 0.25}
+    path = tmp_path / "tiny.pt"
+    save_model(path, trained_like(name, **kwargs), name, kwargs)
+    return path
+
+
+def test_prune_cli_fine_tunes_and_reports(tmp_path, tiny_checkpoint, capsys):
+    data = write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
+    out = tmp_path / "out"
+    argv = ["prune", "--checkpoint", str(tiny_checkpoint), "--ratio", "0.5", "--epochs", "1"]
+    argv += ["--batch-size", "50", "--data", str(data), "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    assert "MACs / image" in capsys.readouterr().out
+    report = json.loads((out / "prune.json").read_text())
+    for when in ("before", "after"):
+        assert set(report[when]) == {"test_acc", "params", "macs", "latency_ms"}
+    assert report["after"]["macs"] < 0.6 * report["before"]["macs"]
+    record = torch.load(out / "final.pt", weights_only=True)
+    assert record["kwargs"] == {"width": 0.25, "channels": report["channels_after"]}
+    assert fastmbv1.load(out / "final.pt")(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ratio", "0"], "--ratio"),
+        (["--ratio", "1"], "--ratio"),
+        (["--ratio", "1.5"], "--ratio"),
+        (["--ratio", "-0.1"], "--ratio"),
+        (["--target-macs", "0"], "--target-macs must be > 0"),
+        (["--target-macs", "1e12"], "is not below"),
+        (["--ratio", "0.5", "--width", "0.5"], "the checkpoint decides"),
+    ],
+)
+def test_bad_requests_are_one_line_errors(flags, message, tiny_checkpoint, capsys):
+    assert main(["prune", "--checkpoint", str(tiny_checkpoint), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_ratio_and_target_together_are_refused(tiny_checkpoint, capsys):
+    argv = ["prune", "--checkpoint", str(tiny_checkpoint), "--ratio", "0.5", "--target-macs", "1"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
