@@ -6,6 +6,7 @@ import argparse
 import sys
 from dataclasses import fields
 
+from fastmbv1.bench.cli import add_arguments as add_bench_arguments
 from fastmbv1.config import PRESETS, TrainConfig, dash
 from fastmbv1.errors import FastError
 
@@ -81,6 +82,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fastmbv1.bench.cli import run
+
+    return run(args)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from fastmbv1.prune import run
 
@@ -140,6 +147,10 @@ def build_parser() -> Parser:
     p.add_argument("--preset", choices=tuple(PRESETS), help="recipe the trials start from")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampler and training seed")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("bench", help="measure loaders, the step, an epoch, the budget; report runs")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("prune", help="remove channels (Torch-Pruning), fine-tune, compare")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="final.pt or a checkpoint")

@@ -1,0 +1,142 @@
+"""The GPU check: loaders, the training step, the epoch profile, one training run.
+
+Run by ``bench/gpu/check.sh`` (which joins the carried data and packages first). Each phase
+is a ``fastmbv1 bench`` command run in this process; its JSON file under ``--out`` is
+rewritten after every measurement, and a phase starts no new measurement once its share of
+``--seconds`` is spent, so a timeout still leaves everything measured so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fastmbv1.bench.cli import BENCHES, document, write_document
+from fastmbv1.bench.report import report
+from fastmbv1.cli import build_parser
+from fastmbv1.evaluate import pick_device
+
+# Seconds kept for the training run's own start (imports, data) and its final save.
+TRAIN_MARGIN_S = 30
+
+
+def plan(device: str, data: list[str], quick: bool) -> list[tuple[str, float, list[str]]]:
+    """(phase, seconds, ``fastmbv1 bench`` arguments), most telling measurements first."""
+    size = ["--images", "512"] if quick else []
+    cores = os.cpu_count()
+    step = [
+        "step",
+        "--device",
+        device,
+        "--models",
+        "mobilenet_v1",
+        "--widths",
+        "1.0",
+        "0.5",
+        "--channels-last",
+        "on",
+        "off",
+        "--amp",
+        "bf16",
+        "off",
+    ]
+    if quick:
+        step += ["--batch-size", "32", "--steps", "2", "--warmup", "1"]
+    phases = [
+        ("loaders", 40, ["loaders", "--device", device, *data, *size, "--pipelines", "torch",
+                         "dali", "torchvision", f"torchvision:num_workers={cores}",
+                         "--batch-sizes", "512", "100"]),
+        # Eager first: compiling takes most of a minute per combination.
+        ("step", 30, [*step, "--compile", "off"]),
+        ("step-compile", 110, [*step, "--compile", "on"]),
+        ("epoch", 70, ["epoch", "--device", device, *data, *size, "--preset", "fast",
+                       "--pipelines", "torch", "dali", f"torchvision:num_workers={cores}"]),
+    ]  # fmt: skip
+    # Compiling on a CPU takes minutes: a dry run leaves it out.
+    return [p for p in phases if not (quick and p[0] == "step-compile")]
+
+
+def run_phase(name: str, argv: list[str], deadline: float, out: Path) -> None:
+    args = build_parser().parse_args(["bench", *argv])
+    device = pick_device(args.device)
+    command = shlex.join(["fastmbv1", "bench", *argv])
+    table = BENCHES[args.bench](args, device)
+    rows: list[dict] = []
+    write_document(document(command, device, rows), out / f"{name}.json")
+    for row in table.rows:
+        rows.append(row)
+        write_document(document(command, device, rows), out / f"{name}.json")
+        print(f"{name}: {json.dumps(row)}", flush=True)
+        if time.monotonic() > deadline:
+            rows.append({"note": f"stopped: the {name} phase's time was spent"})
+            write_document(document(command, device, rows), out / f"{name}.json")
+            return
+
+
+def train_run(device: str, data: str | None, seconds: float, out: Path, quick: bool) -> None:
+    """One default-preset ``fastmbv1 train`` (quick: a tiny one) into ``out/train-fast``."""
+    run_dir = out / "train-fast"
+    argv = [sys.executable, "-m", "fastmbv1", "train", "--device", device, "--overwrite",
+            "--budget", f"{seconds:.0f}", "--out", str(run_dir)]  # fmt: skip
+    if data:
+        argv += ["--data", data]
+    if quick:
+        argv += ["--preset", "cpu", "--width", "0.25", "--train-limit", "1024",
+                 "--test-limit", "500", "--epochs", "2"]  # fmt: skip
+    print("train:", shlex.join(argv), flush=True)
+    with open(out / "train-fast.log", "w") as log:
+        try:
+            subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=seconds + 120)
+        except subprocess.TimeoutExpired:
+            print(f"train: killed after {seconds + 120:.0f} s", flush=True)
+    if (run_dir / "metrics.jsonl").is_file():
+        report([run_dir], out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench-gpu-out"))
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--data", default=os.environ.get("FASTMBV1_DATA"))
+    parser.add_argument("--seconds", type=float, default=470, help="the whole check")
+    parser.add_argument("--train-budget", type=float, default=240)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a dry run")
+    args = parser.parse_args()
+    start = time.monotonic()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    has_data = bool(args.data) and Path(args.data).exists()
+    # Without the data set the bench phases still measure on random images; training can't.
+    data = ["--data", args.data] if has_data else ["--synthetic"]
+    phases = plan(args.device, data, args.quick)
+    write_document(document(shlex.join(sys.argv), pick_device(args.device),
+                            [{"data": args.data if has_data else None,
+                              "plan": [shlex.join(argv) for _, _, argv in phases]}]),
+                   out / "env.json")  # fmt: skip
+    deadline = start
+    for name, seconds, argv in phases:
+        deadline += seconds
+        try:
+            run_phase(name, argv, deadline, out)
+        except Exception as e:  # one failed phase must not cost the others their time
+            print(f"{name}: failed: {e!r}", flush=True)
+            (out / f"{name}.error.txt").write_text(f"{e!r}\n")
+    left = args.seconds - (time.monotonic() - start) - TRAIN_MARGIN_S
+    budget = min(args.train_budget, left)
+    if not has_data:
+        print("train: skipped, no CIFAR-10 (set FASTMBV1_DATA or carry .gpu/cifar.*)")
+    elif budget < 20:
+        print(f"train: skipped, only {left:.0f} s left")
+    else:
+        train_run(args.device, args.data, budget, out, args.quick)
+    print(f"check done in {time.monotonic() - start:.0f} s; results in {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

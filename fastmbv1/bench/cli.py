@@ -1,0 +1,438 @@
+"""``fastmbv1 bench WHAT``: the measurements as a table (or ``--json``), optionally saved.
+
+``--save`` writes ``<results>/<what>-<machine>.json`` (default ``bench/results/``) holding
+the command, the machine, the versions and the results. It is off by default, so that a
+quick run never replaces a committed result set. The measuring and plotting modules are
+imported only when a subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shlex
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fastmbv1.config import PRESETS
+from fastmbv1.errors import UserError
+
+RESULTS_DIR = "bench/results"
+ON_OFF = {"on": True, "off": False}
+# Below this share of an epoch spent waiting for batches, data loading no longer limits.
+DATA_BOUND_SHARE = 0.05
+
+
+@dataclass
+class Column:
+    header: str
+    key: str
+    width: int
+    spec: str = ""  # a number's format (right-aligned); empty for text (left-aligned)
+
+    def cell(self, value) -> str:
+        if value is None:
+            value = "-" if self.spec else ""
+        elif isinstance(value, bool):
+            value = "on" if value else "off"
+        elif self.spec:
+            value = format(value, self.spec)
+        return f"{value:>{self.width}}" if self.spec else f"{value:<{self.width}}"
+
+
+@dataclass
+class Table:
+    columns: list[Column]
+    rows: Iterable[dict]  # measured lazily: each row prints as soon as it exists
+    footer: Callable[[list[dict]], str] | None = None
+
+
+def format_row(columns: list[Column], row: dict) -> str:
+    return "  ".join(c.cell(row.get(c.key)) for c in columns).rstrip()
+
+
+def format_header(columns: list[Column]) -> str:
+    return "  ".join(c.cell(c.header) if not c.spec else f"{c.header:>{c.width}}" for c in columns)
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=int,...``, e.g. ``torchvision:num_workers=2``."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if not value.lstrip("-").isdigit():
+            raise UserError(f"pipeline option {item!r} in {spec!r} is not key=integer")
+        options[key] = int(value)
+    return name, options
+
+
+def pipeline_specs(args: argparse.Namespace, device) -> list[tuple[str, dict, str | None]]:
+    """(name, options, why it cannot run here or None) for ``--pipelines`` or the default:
+    every pipeline, plus torchvision with one worker per core."""
+    from pipelines import MODULES, unavailable
+
+    specs = args.pipelines or [*MODULES, f"torchvision:num_workers={os.cpu_count()}"]
+    parsed = [parse_spec(s) for s in specs]
+    for name, opts in parsed:
+        if name == "torchvision":
+            opts.setdefault("num_workers", 0)  # its default, said in the table
+    return [(name, opts, unavailable(name, device)) for name, opts in parsed]
+
+
+def preset_config(name: str, device):
+    """Preset ``name`` as ``fastmbv1 train`` would run it on ``device``."""
+    from fastmbv1.config import make_config
+    from fastmbv1.train import resolve
+
+    return resolve(make_config({"preset": name, "device": device.type}), device)[0]
+
+
+def data_for(args: argparse.Namespace):
+    from fastmbv1.bench.measure import load_data
+
+    return load_data(args.data, args.images, args.synthetic)
+
+
+def bench_loaders(args: argparse.Namespace, device) -> Table:
+    from fastmbv1.bench.measure import measure_loader
+
+    specs = pipeline_specs(args, device)
+    batch_sizes = args.batch_sizes or sorted(
+        {preset_config(p, device).batch_size for p in PRESETS}, reverse=True
+    )
+    data = data_for(args)
+
+    def rows():
+        for name, options, reason in specs:
+            if reason:
+                yield {"pipeline": name, **options, "note": f"skipped: {reason}"}
+                continue
+            for batch_size in batch_sizes:
+                yield measure_loader(
+                    name,
+                    data.train_images,
+                    data.train_labels,
+                    batch_size=batch_size,
+                    device=device,
+                    epochs=args.epochs,
+                    **options,
+                )
+
+    columns = [
+        Column("pipeline", "pipeline", 11),
+        Column("workers", "num_workers", 7, "d"),
+        Column("batch", "batch_size", 5, "d"),
+        Column("images", "images", 7, "d"),
+        Column("seconds", "seconds", 8, ".2f"),
+        Column("images/s", "images_per_s", 10, ",.0f"),
+        Column("note", "note", 0),
+    ]
+    return Table(columns, rows())
+
+
+def bench_step(args: argparse.Namespace, device) -> Table:
+    from fastmbv1.bench.measure import measure_step
+    from fastmbv1.config import make_config
+    from fastmbv1.models import MODELS
+
+    compiles = args.compile or (["off", "on"] if device.type == "cuda" else ["off"])
+    grid = itertools.product(
+        args.models or sorted(MODELS), args.widths, args.channels_last, args.amp, compiles
+    )
+    # Every config is checked before the first measurement.
+    configs = [
+        make_config(
+            {
+                "model": model,
+                "width": width,
+                "channels_last": ON_OFF[cl],
+                "amp": amp,
+                "compile": ON_OFF[comp],
+                "batch_size": args.batch_size,
+                "device": device.type,
+            }
+        )
+        for model, width, cl, amp, comp in grid
+    ]
+    rows = (measure_step(c, device, steps=args.steps, warmup=args.warmup) for c in configs)
+    columns = [
+        Column("model", "model", 16),
+        Column("width", "width", 5, ".2f"),
+        Column("batch", "batch_size", 5, "d"),
+        Column("ch.last", "channels_last", 7),
+        Column("amp", "amp", 4),
+        Column("compile", "compile", 7),
+        Column("step s", "step_s", 8, ".4f"),
+        Column("images/s", "images_per_s", 10, ",.0f"),
+        Column("compile s", "compile_s", 9, ".1f"),
+    ]
+    return Table(columns, rows)
+
+
+def bench_epoch(args: argparse.Namespace, device) -> Table:
+    from fastmbv1.bench.measure import profile_epoch
+
+    cfg = preset_config(args.preset, device)
+    specs = pipeline_specs(args, device)
+    for _, options, _ in specs:
+        if set(options) - {"num_workers"}:
+            raise UserError(f"an epoch profile takes only num_workers as an option, not {options}")
+    data = data_for(args)
+
+    def rows():
+        for name, options, reason in specs:
+            if reason:
+                yield {"pipeline": name, **options, "note": f"skipped: {reason}"}
+            else:
+                run = replace(cfg, pipeline=name, **options)
+                yield profile_epoch(run, data.train_images, data.train_labels, device)
+
+    def verdict(rows: list[dict]) -> str:
+        fed = [
+            r["pipeline"] + (f" ({r['num_workers']} workers)" if "num_workers" in r else "")
+            for r in rows
+            if r.get("data_share", 1.0) < DATA_BOUND_SHARE
+        ]
+        limit = f"{DATA_BOUND_SHARE:.0%} of the epoch"
+        if not fed:
+            return f"the model waits for data more than {limit} with every pipeline"
+        return f"the model waits for data less than {limit} with: " + ", ".join(fed)
+
+    columns = [
+        Column("preset", "preset", 8),
+        Column("pipeline", "pipeline", 11),
+        Column("workers", "num_workers", 7, "d"),
+        Column("batch", "batch_size", 5, "d"),
+        Column("images", "images", 7, "d"),
+        Column("epoch s", "epoch_s", 8, ".2f"),
+        Column("wait s", "data_wait_s", 8, ".2f"),
+        Column("compute s", "compute_s", 9, ".2f"),
+        Column("data", "data_share", 5, ".0%"),
+        Column("images/s", "images_per_s", 10, ",.0f"),
+        Column("note", "note", 0),
+    ]
+    return Table(columns, rows(), verdict)
+
+
+def bench_budget(args: argparse.Namespace, device) -> Table:
+    from fastmbv1.bench.measure import original_budget, project_budget
+
+    budgets = tuple(args.budget)
+    configs = [preset_config(p, device) for p in args.presets]
+    data = data_for(args)
+
+    def rows():
+        for cfg in configs:
+            yield project_budget(cfg, data, device, budgets)
+        yield from original_budget(budgets)
+
+    columns = [
+        Column("run", "run", 24),
+        Column("device", "device", 8),
+        Column("pipeline", "pipeline", 11),
+        Column("batch", "batch_size", 5, "d"),
+        Column("s/epoch", "s_per_epoch", 8, ".1f"),
+        Column("eval s", "eval_s", 6, ".1f"),
+        Column("setup s", "setup_s", 7, ".1f"),
+        Column("epochs", "epochs", 6, "d"),
+        Column("total s", "epochs_s", 8, ",.0f"),
+        *(
+            Column(f"in {b:g} s", f"epochs_in_{b:g}s", max(8, len(f"in {b:g} s")), "d")
+            for b in budgets
+        ),
+    ]
+    return Table(columns, rows())
+
+
+BENCHES: dict[str, Callable[[argparse.Namespace, object], Table]] = {
+    "loaders": bench_loaders,
+    "step": bench_step,
+    "epoch": bench_epoch,
+    "budget": bench_budget,
+}
+
+
+def document(command: str, device, rows: list[dict]) -> dict:
+    """What a saved result file holds: the command, where it ran, with what, and the rows."""
+    from fastmbv1.train import device_name, versions
+
+    return {
+        "command": command,
+        "machine": device_name(device),
+        "device": str(device),
+        "versions": versions(),
+        "results": rows,
+    }
+
+
+def write_document(doc: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def result_path(results_dir: str | Path, what: str, machine: str) -> Path:
+    return (
+        Path(results_dir) / f"{what}-{re.sub(r'[^a-z0-9]+', '-', machine.lower()).strip('-')}.json"
+    )
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    for name in ("images", "epochs", "steps", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "warmup", 0) < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    for name in ("batch_sizes", "widths", "budget"):
+        values = getattr(args, name, None)
+        values = values if isinstance(values, list) else [values]
+        if any(v is not None and not v > 0 for v in values):
+            raise UserError(f"--{name.replace('_', '-')} values must be > 0, got {values}")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_numbers(args)
+    if args.bench == "report":
+        return run_report(args)
+    from fastmbv1.evaluate import pick_device
+    from fastmbv1.train import device_name, versions
+
+    device = pick_device(args.device)
+    table = BENCHES[args.bench](args, device)
+    if not args.json:
+        v = versions()
+        print(f"{device_name(device)} ({device}); torch {v['torch']}, DALI {v['dali'] or '-'}")
+        print(format_header(table.columns), flush=True)
+    rows = []
+    for row in table.rows:
+        rows.append(row)
+        if not args.json:
+            print(format_row(table.columns, row), flush=True)
+    doc = document(shlex.join(sys.argv), device, rows)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    elif table.footer:
+        print(table.footer(rows))
+    if args.save:
+        path = write_document(doc, result_path(args.results, args.bench, doc["machine"]))
+        print(f"saved {path}", file=sys.stderr)
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from fastmbv1.bench.report import launch, markdown, read_run, report
+
+    for run_dir in args.runs:
+        read_run(run_dir)  # a wrong folder fails before any training starts
+    run_dirs = list(args.runs)
+    if args.launch:
+        overrides = {k: getattr(args, k) for k in ("data", "device") if getattr(args, k)}
+        run_dirs += launch(
+            args.presets,
+            budget=args.budget,
+            runs_dir=args.runs_dir,
+            overrides=overrides,
+            config_file=args.config,
+        )
+    elif not run_dirs:
+        raise UserError("name run folders to report on, or --launch to train some first")
+    rows = report(run_dirs, args.out)
+    print(json.dumps(rows, indent=2) if args.json else markdown(rows), end="")
+    print(f"wrote {Path(args.out) / 'report.png'} and report.md", file=sys.stderr)
+    return 0
+
+
+def measurement_flags(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument(
+        "--save", action="store_true", help="write the results to RESULTS/<what>-<machine>.json"
+    )
+    p.add_argument("--results", default=RESULTS_DIR, metavar="DIR", help="where --save writes")
+    if data:
+        p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder")
+        p.add_argument(
+            "--images",
+            type=int,
+            metavar="N",
+            help="use only the first N images of each split (quick runs)",
+        )
+        p.add_argument(
+            "--synthetic",
+            action="store_true",
+            help="random images of CIFAR-10's shape instead of the data set",
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommands, on the ``fastmbv1 bench`` parser."""
+    sub = parser.add_subparsers(
+        dest="bench", required=True, metavar="WHAT", parser_class=type(parser)
+    )
+    pipelines_help = "default: every pipeline, and torchvision with one worker per core"
+
+    p = sub.add_parser("loaders", help="images/s each data pipeline delivers, full epochs")
+    measurement_flags(p)
+    p.add_argument("--pipelines", nargs="+", metavar="NAME[:key=int,...]", help=pipelines_help)
+    p.add_argument(
+        "--batch-sizes", nargs="+", type=int, metavar="B", help="default: the presets' batch sizes"
+    )
+    p.add_argument("--epochs", type=int, default=1, help="epochs per measurement")
+
+    p = sub.add_parser("step", help="images/s of the training step alone, data on the device")
+    measurement_flags(p, data=False)
+    p.add_argument("--models", nargs="+", metavar="NAME", help="default: every registered model")
+    p.add_argument("--widths", nargs="+", type=float, default=[1.0, 0.5])
+    p.add_argument("--channels-last", nargs="+", choices=ON_OFF, default=["on", "off"])
+    p.add_argument("--amp", nargs="+", choices=("off", "bf16", "fp16"), default=["off", "bf16"])
+    p.add_argument(
+        "--compile",
+        nargs="+",
+        choices=ON_OFF,
+        help="default: off on (off only on the CPU, where compiling takes minutes)",
+    )
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+
+    p = sub.add_parser("epoch", help="one epoch per pipeline split into data wait and compute")
+    measurement_flags(p)
+    p.add_argument(
+        "--preset",
+        default="fast",
+        choices=list(PRESETS),
+        help="model and recipe, as fastmbv1 train runs it here",
+    )
+    p.add_argument("--pipelines", nargs="+", metavar="NAME[:num_workers=N]", help=pipelines_help)
+
+    p = sub.add_parser("budget", help="epochs of each preset that fit into a time budget")
+    measurement_flags(p)
+    p.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS))
+    p.add_argument("--budget", nargs="+", type=float, default=[3600.0], metavar="S")
+
+    p = sub.add_parser("report", help="plot and tabulate test accuracy against wall-clock time")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="folders of fastmbv1 train runs")
+    p.add_argument(
+        "--out", default=RESULTS_DIR, metavar="DIR", help="where report.png and report.md go"
+    )
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--launch", action="store_true", help="first train one run per --presets")
+    p.add_argument("--presets", nargs="+", choices=list(PRESETS), default=["fast"])
+    p.add_argument("--budget", type=float, metavar="S", help="budget of launched runs")
+    p.add_argument("--config", metavar="FILE", help="TOML applied on top of each launched preset")
+    p.add_argument(
+        "--runs-dir",
+        default="runs",
+        metavar="DIR",
+        help="launched runs go to DIR/<preset>-<budget>s",
+    )
+    p.add_argument("--data", metavar="PATH", help="CIFAR-10 for launched runs")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="for launched runs")

@@ -1,0 +1,145 @@
+"""Time-to-accuracy report: test accuracy against wall-clock seconds for training runs.
+
+Reads each run folder's ``metrics.jsonl`` (and ``summary.json`` when the run finished),
+draws one line per run into ``report.png`` and writes the table as ``report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from fastmbv1.errors import UserError
+from fastmbv1.metrics import THRESHOLDS
+
+COLUMNS = ("run", "device", "final acc %", "epochs", "train s", "wall s")
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """A run folder's name, per-epoch records and summary (None while the run is unfinished)."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{run_dir}: no metrics.jsonl, not a training run folder")
+    try:
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        summary_path = run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{run_dir}: unreadable run files ({e})") from None
+    if not records:
+        raise UserError(f"{metrics} holds no epochs yet")
+    return {"run": run_dir.name, "records": records, "summary": summary}
+
+
+def summarize(run: dict) -> dict:
+    """One table row; times to accuracy are the wall seconds of the first evaluation there."""
+    evals = [r for r in run["records"] if r.get("test_acc") is not None]
+    last, summary = run["records"][-1], run["summary"] or {}
+    row = {
+        "run": run["run"],
+        "device": summary.get("device"),
+        "final_acc": summary.get("final_test_acc", evals[-1]["test_acc"] if evals else None),
+        "epochs": summary.get("epochs_done", last["epoch"]),
+        "train_s": summary.get("train_s", last["train_s_total"]),
+        "wall_s": summary.get("wall_s", last["wall_s"]),
+    }
+    for t in THRESHOLDS:
+        row[f"tta_{t}"] = next((r["wall_s"] for r in evals if r["test_acc"] >= t), None)
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    def cell(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    header = [*COLUMNS, *(f"{t} % at s" for t in THRESHOLDS)]
+    lines = [
+        "Time to accuracy: wall-clock seconds from the start of the run (data loading,",
+        "compile and evaluations included) to its first evaluation at or above the threshold.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for r in rows:
+        cells = [
+            r["run"],
+            r["device"] or "-",
+            cell(r["final_acc"], ".2f"),
+            str(r["epochs"]),
+            cell(r["train_s"], ".1f"),
+            cell(r["wall_s"], ".1f"),
+            *(cell(r[f"tta_{t}"], ".1f") for t in THRESHOLDS),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("the report needs matplotlib: pip install matplotlib") from None
+    # A bare Figure on the Agg canvas: no pyplot state, no display needed.
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for run in runs:
+        evals = [r for r in run["records"] if r.get("test_acc") is not None]
+        ax.plot(
+            [r["wall_s"] for r in evals],
+            [r["test_acc"] for r in evals],
+            marker="o",
+            markersize=3,
+            label=run["run"],
+        )
+    ax.set_xlabel("wall-clock seconds since the run started")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("CIFAR-10 test accuracy against time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120)
+
+
+def report(run_dirs: list[str | Path], out: str | Path) -> list[dict]:
+    """Write ``report.png`` and ``report.md`` for ``run_dirs`` into ``out``; the table rows.
+
+    Every folder is read before anything is written, so a wrong one leaves no half report.
+    """
+    runs = [read_run(d) for d in run_dirs]
+    if not runs:
+        raise UserError("no run folders to report on")
+    rows = [summarize(r) for r in runs]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(runs, out / "report.png")
+    (out / "report.md").write_text(markdown(rows))
+    return rows
+
+
+def launch(
+    presets: list[str],
+    *,
+    budget: float | None,
+    runs_dir: str | Path,
+    overrides: dict,
+    config_file: str | None = None,
+) -> list[Path]:
+    """Train one run per preset into ``runs_dir/<preset>-<budget>s`` (replacing an older one).
+
+    ``overrides`` and ``config_file`` apply on top of each preset, as flags and ``--config``
+    do for ``fastmbv1 train``; every config is checked before the first run starts.
+    """
+    from fastmbv1.config import make_config
+    from fastmbv1.train import train
+
+    configs = []
+    for preset in presets:
+        fields = {**overrides, "preset": preset}
+        if budget is not None:
+            fields["budget"] = budget
+        cfg = make_config(fields, config_file)
+        configs.append(replace(cfg, out=str(Path(runs_dir) / f"{preset}-{cfg.budget:g}s")))
+    return [train(cfg, overwrite=True).out for cfg in configs]

@@ -1,0 +1,202 @@
+"""``fastmbv1 bench``: every subcommand on tiny sizes, and the report on made-up run folders."""
+
+import json
+
+import pytest
+from conftest import tiny_batches, write_archive
+
+from fastmbv1.bench.measure import ORIGINAL_T4, epochs_in, original_budget
+from fastmbv1.bench.report import read_run, report
+from fastmbv1.cli import main
+from fastmbv1.config import make_config
+from fastmbv1.metrics import THRESHOLDS
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def bench(capsys, command: str) -> tuple[int, str, str]:
+    """Run ``fastmbv1 bench COMMAND`` (split on spaces: the paths here have none)."""
+    status = main(["bench", *command.split()])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def bench_json(capsys, command: str) -> dict:
+    status, out, err = bench(capsys, command + " --json")
+    assert status == 0, err
+    return json.loads(out)
+
+
+def test_loaders_table_and_saved_file(capsys, tmp_path):
+    status, out, err = bench(
+        capsys,
+        "loaders --device cpu --synthetic --images 64 --batch-sizes 32 "
+        f"--pipelines torch torchvision:num_workers=0 --save --results {tmp_path}",
+    )
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[1].split()[:3] == ["pipeline", "workers", "batch"]
+    assert [line.split()[:3] for line in lines[2:]] == [
+        ["torch", "-", "32"],
+        ["torchvision", "0", "32"],
+    ]
+    [saved] = tmp_path.glob("loaders-*.json")
+    doc = json.loads(saved.read_text())
+    assert doc.keys() >= {"command", "machine", "versions", "results"}
+    assert [r["images"] for r in doc["results"]] == [64, 64]
+    assert all(r["images_per_s"] > 0 for r in doc["results"])
+
+
+def test_loaders_read_the_data_set(capsys, tiny_archive):
+    doc = bench_json(
+        capsys, f"loaders --device cpu --data {tiny_archive} --batch-sizes 8 --pipelines torch"
+    )
+    [row] = doc["results"]
+    assert row["images"] == 40 and row["device"] == "cpu"  # 5 batch files of 8
+
+
+def test_step_grid(capsys):
+    doc = bench_json(
+        capsys,
+        "step --device cpu --models mobilenet_v1 --widths 0.25 --channels-last on off "
+        "--amp off --batch-size 8 --steps 1 --warmup 0",
+    )
+    rows = doc["results"]
+    assert [r["channels_last"] for r in rows] == [True, False]
+    assert all(r["images_per_s"] > 0 and r["compile_s"] is None for r in rows)
+
+
+def test_epoch_profile_splits_wait_and_compute(capsys):
+    batch = make_config({"preset": "cpu"}).batch_size
+    status, out, err = bench(
+        capsys,
+        f"epoch --device cpu --preset cpu --synthetic --images {2 * batch} --pipelines torch",
+    )
+    assert status == 0, err
+    row = out.splitlines()[2].split()
+    assert row[:2] == ["cpu", "torch"] and row[4] == str(2 * batch)
+    assert "the model waits for data" in out.splitlines()[-1]
+
+
+def test_budget_projects_and_shows_the_original(capsys):
+    batch = make_config({"preset": "cpu"}).batch_size
+    doc = bench_json(
+        capsys,
+        f"budget --device cpu --presets cpu --synthetic --images {batch} --budget 3600 60",
+    )
+    preset, *originals = doc["results"]
+    assert preset["run"] == "cpu" and preset["images_measured"] == batch
+    # One batch measured, scaled to a full epoch of 50,000 images.
+    assert preset["epoch_s"] > 0 and preset["epochs_in_3600s"] >= preset["epochs_in_60s"]
+    assert [r["run"] for r in originals] == [r["run"] for r in ORIGINAL_T4]
+
+
+def test_original_figures():
+    baseline = original_budget((3600.0,))[0]
+    assert baseline["s_per_epoch"] == pytest.approx(34.85)
+    assert baseline["epochs_in_3600s"] == 103
+    assert epochs_in(100, 30, setup_s=20) == 2 and epochs_in(10, 30) == 0
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        ("step --device cpu --batch-size 0", "--batch-size must be >= 1"),
+        ("step --device cpu --widths 0", "--widths values must be > 0"),
+        ("loaders --synthetic --pipelines nope", "unknown pipeline 'nope'"),
+        ("loaders --synthetic --pipelines torch:num_workers=x", "not key=integer"),
+        ("epoch --synthetic --pipelines torch:prefetch=2", "only num_workers"),
+        ("report", "name run folders"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(capsys, command, message):
+    status, _, err = bench(capsys, command)
+    assert status == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def fake_run(folder, accs, wall_step=10.0, summary=True):
+    """A run folder as fastmbv1 train leaves it: one record per epoch, a summary if done."""
+    folder.mkdir(parents=True)
+    records = [
+        {
+            "epoch": i + 1,
+            "step": 10 * (i + 1),
+            "lr": 0.1,
+            "train_loss": 1.0,
+            "train_acc": acc,
+            "test_acc": acc,
+            "train_s": 8.0,
+            "train_s_total": 8.0 * (i + 1),
+            "eval_s": 1.0,
+            "eval_s_total": i + 1.0,
+            "wall_s": wall_step * (i + 1),
+            "data_wait_s": 0.1,
+            "images_per_s": 5000.0,
+            "complete": True,
+        }
+        for i, acc in enumerate(accs)
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if summary:
+        (folder / "summary.json").write_text(
+            json.dumps(
+                {
+                    "final_test_acc": accs[-1],
+                    "epochs_done": len(accs),
+                    "device": "Fake GPU",
+                    "train_s": 8.0 * len(accs),
+                    "wall_s": wall_step * len(accs) + 2,
+                }
+            )
+        )
+    return folder
+
+
+def test_report_draws_and_tabulates(capsys, tmp_path):
+    fast = fake_run(tmp_path / "runs" / "fast", [70.0, 84.0, 90.5, 93.2])
+    slow = fake_run(tmp_path / "runs" / "slow", [50.0, 81.0], wall_step=30.0, summary=False)
+    out = tmp_path / "report"
+    status, stdout, err = bench(capsys, f"report {fast} {slow} --out {out}")
+    assert status == 0, err
+    assert (out / "report.png").read_bytes()[:8] == PNG_MAGIC
+    table = (out / "report.md").read_text()
+    assert stdout == table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "run |" not in line]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert [c[0] for c in cells] == ["fast", "slow"]
+    # run, device, final acc, epochs, train s, wall s, then 80 85 90 92 93 94
+    assert cells[0][1:6] == ["Fake GPU", "93.20", "4", "32.0", "42.0"]
+    assert cells[0][6:] == ["20.0", "30.0", "30.0", "40.0", "40.0", "-"]
+    assert cells[1][1:6] == ["-", "81.00", "2", "16.0", "60.0"]
+    assert cells[1][6:] == ["60.0"] + ["-"] * (len(THRESHOLDS) - 1)
+
+
+def test_report_refuses_a_folder_without_metrics(capsys, tmp_path):
+    good = fake_run(tmp_path / "good", [80.0])
+    (tmp_path / "empty").mkdir()
+    status, _, err = bench(capsys, f"report {good} {tmp_path / 'empty'} --out {tmp_path / 'out'}")
+    assert status == 2 and "no metrics.jsonl" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_launches_runs(capsys, tmp_path):
+    data = write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        'width = 0.25\nbatch_size = 50\neval_batch_size = 100\nepochs = 1\npipeline = "torch"\n'
+    )
+    status, _, err = bench(
+        capsys,
+        f"report --launch --presets cpu --budget 60 --config {config} --data {data} "
+        f"--device cpu --runs-dir {tmp_path / 'runs'} --out {tmp_path / 'out'}",
+    )
+    assert status == 0, err
+    run = read_run(tmp_path / "runs" / "cpu-60s")
+    assert run["summary"]["epochs_done"] == 1
+    assert (tmp_path / "out" / "report.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_function_returns_rows(tmp_path):
+    rows = report([fake_run(tmp_path / "a", [85.0])], tmp_path / "out")
+    assert rows[0]["tta_85"] == 10.0 and rows[0]["tta_90"] is None
