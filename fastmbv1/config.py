@@ -192,17 +192,23 @@ def field_names() -> set[str]:
     return {f.name for f in fields(TrainConfig)}
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def load_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file's tables, or a one-line UserError naming ``what`` and the problem."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
+        raise UserError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
-        raise UserError(f"config file {path} is a folder") from None
+        raise UserError(f"{what} {path} is a folder") from None
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+        raise UserError(f"{what} {path} is not valid TOML: {e}") from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file: TrainConfig field names only."""
+    data = load_toml(path)
     unknown = sorted(set(data) - field_names())
     if unknown:
         raise UserError(f"config file {path}: unknown field(s) {', '.join(unknown)}")

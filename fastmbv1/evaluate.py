@@ -25,6 +25,11 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def batch_dtype(amp: str) -> torch.dtype:
+    """Under autocast the pipelines hand over half-size batches: the first conv casts anyway."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, batches, device: torch.device, amp: str = "off", channels_last: bool = True

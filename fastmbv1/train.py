@@ -36,7 +36,7 @@ from fastmbv1.checkpoint import (
 )
 from fastmbv1.config import TrainConfig
 from fastmbv1.errors import Diverged, Interrupted, UserError
-from fastmbv1.evaluate import autocast, evaluate, pick_device
+from fastmbv1.evaluate import autocast, batch_dtype, evaluate, pick_device
 from fastmbv1.metrics import RunLog, format_summary, write_json
 from fastmbv1.models import build_model
 from fastmbv1.schedule import lr_factor
@@ -168,6 +168,24 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+def pipeline_options(cfg: TrainConfig) -> dict:
+    """The options only the torchvision pipeline takes."""
+    return {"num_workers": cfg.num_workers} if cfg.pipeline == "torchvision" else {}
+
+
+def optimisation(cfg: TrainConfig, params, device: torch.device):
+    """The recipe's optimiser, grad scaler (live only for fp16) and loss."""
+    optimizer = torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    return optimizer, scaler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
 @dataclass
 class RunResult:
     summary: dict
@@ -212,9 +230,8 @@ def train(
     np.random.seed(cfg.seed)
     # Fixed shapes every step: let cuDNN pick its fastest depthwise/pointwise kernels once.
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    pipe_opts = {"num_workers": cfg.num_workers} if cfg.pipeline == "torchvision" else {}
-    # bf16/fp16 batches halve the bytes the pipeline moves; autocast would cast them anyway.
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, torch.float32)
+    pipe_opts = pipeline_options(cfg)
+    dtype = batch_dtype(cfg.amp)
     common = dict(
         device=device,
         seed=cfg.seed,
@@ -262,15 +279,7 @@ def train(
         )
     net = torch.compile(net) if cfg.compile else net
 
-    optimizer = torch.optim.SGD(
-        raw.parameters(),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    optimizer, scaler, criterion = optimisation(cfg, raw.parameters(), device)
 
     start_epoch, step, elapsed_before = 0, 0, 0.0
     train_s_total = eval_s_total = compile_s = 0.0

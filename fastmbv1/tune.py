@@ -38,12 +38,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-from fastmbv1.config import TrainConfig, make_config
+from fastmbv1.config import TrainConfig, load_toml, make_config
 from fastmbv1.errors import Diverged, Interrupted, UserError, one_line
 
 if TYPE_CHECKING:
@@ -128,15 +123,7 @@ def read_space(path: str | Path) -> Space:
     ``[fixed] preset = "cpu"  width = 0.25``.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"space file {path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"space file {path} is a folder") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"space file {path} is not valid TOML: {e}") from None
+    data = load_toml(path, "space file")
 
     def bad(what: str) -> UserError:
         return UserError(f"space file {path}: {what}")

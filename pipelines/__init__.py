@@ -84,6 +84,8 @@ def build_pipeline(
     reason = unavailable(name, device)
     if reason is not None:
         raise UserError(f"pipeline {name!r} is unavailable on {device}: {reason}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
     if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
         raise UserError(f"images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
     if labels.shape != (images.shape[0],):

@@ -57,8 +57,6 @@ def augment(train: bool, device: str, half: bool):
 class DaliPipeline:
     def __init__(self, images, labels, *, batch_size, train, device, seed, dtype, drop_last,
                  rank, world_size):  # fmt: skip
-        if batch_size < 1:
-            raise UserError(f"batch size must be at least 1, got {batch_size}")
         on_gpu = device.type == "cuda"
         if on_gpu and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

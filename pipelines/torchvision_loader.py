@@ -121,8 +121,6 @@ def build(
     batches for asynchronous copies, by default when the device is a GPU."""
     if options:
         raise UserError(f"pipeline 'torchvision' has no option {', '.join(options)}")
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
     if not isinstance(num_workers, int) or num_workers < 0:
         raise UserError(f"num_workers must be a whole number >= 0, got {num_workers!r}")
     return TorchvisionPipeline(

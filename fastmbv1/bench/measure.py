@@ -17,8 +17,9 @@ import torch.nn as nn
 
 from fastmbv1.config import TrainConfig
 from fastmbv1.errors import UserError
-from fastmbv1.evaluate import autocast, evaluate
+from fastmbv1.evaluate import autocast, batch_dtype, evaluate
 from fastmbv1.models import build_model
+from fastmbv1.train import optimisation, pipeline_options
 from pipelines import build_pipeline
 from pipelines.cifar10 import CIFAR10, load_cifar10
 
@@ -37,15 +38,6 @@ Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def batch_dtype(amp: str) -> torch.dtype:
-    # As in the trainer: under autocast the pipeline hands over half-size batches.
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
-
-
-def pipeline_options(cfg: TrainConfig) -> dict:
-    return {"num_workers": cfg.num_workers} if cfg.pipeline == "torchvision" else {}
 
 
 def load_data(data: str | None, images: int | None = None, synthetic: bool = False) -> CIFAR10:
@@ -120,15 +112,7 @@ def build_net(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.Mod
 def training_step(cfg: TrainConfig, net: nn.Module, device: torch.device) -> Step:
     """Forward, backward and optimiser step of ``cfg``'s recipe, as the trainer takes them
     (mixup and cutout excluded: they change the batch, not the step)."""
-    optimizer = torch.optim.SGD(
-        net.parameters(),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    optimizer, scaler, criterion = optimisation(cfg, net.parameters(), device)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not cfg.channels_last:
