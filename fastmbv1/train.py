@@ -458,7 +458,7 @@ def train(
                     "eval_s_total": eval_s_total,
                     "wall_s": wall(),
                     "data_wait_s": data_wait,
-                    "images_per_s": seen / max(train_s, 1e-9),
+                    "images_per_s": seen * world.size / max(train_s, 1e-9),  # all ranks
                     "complete": done == steps_per_epoch,
                 }
             )
