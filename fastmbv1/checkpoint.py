@@ -90,10 +90,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def model_from_record(record: dict, where: str | os.PathLike = "checkpoint") -> nn.Module:
     if record.get("format") != MODEL_FORMAT:
         raise UserError(f"{where} is not a fastmbv1 model file (format {record.get('format')!r})")
-    model = build_model(record["model"], **record["kwargs"])
     try:
+        model = build_model(record["model"], **record["kwargs"])
         model.load_state_dict(record["state_dict"])
-    except RuntimeError as e:
+    except KeyError as e:
+        raise UserError(f"{where} lacks {e} in its model record") from e
+    except (RuntimeError, TypeError, ValueError) as e:
         raise UserError(
             f"{where} does not match model {record['model']} {record['kwargs']}: {one_line(e)}"
         ) from e

@@ -8,7 +8,7 @@ from dataclasses import fields
 
 from fastmbv1.bench.cli import add_arguments as add_bench_arguments
 from fastmbv1.config import PRESETS, TrainConfig, dash
-from fastmbv1.errors import FastError
+from fastmbv1.errors import FastError, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -45,6 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fastmbv1.train import train
 
     overrides = config_overrides(args)
+    if args.resume and args.config:
+        raise UserError("--config cannot be combined with --resume: the run keeps its config")
     if args.resume:
         cfg = resume_config(args.resume, overrides)
     else:

@@ -79,6 +79,12 @@ class TrainConfig:
             if not ok:
                 raise UserError(what)
 
+        from fastmbv1.models import MODELS
+
+        need(
+            self.model in MODELS,
+            f"unknown model {self.model!r}; choose from {', '.join(sorted(MODELS))}",
+        )
         need(
             self.preset in PRESETS,
             f"unknown preset {self.preset!r}; choose from " + ", ".join(PRESETS),
@@ -181,7 +187,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # Fields a resumed run may change: they decide when it stops or what it writes, not the recipe.
-SAFE_ON_RESUME = {"budget", "eval_every", "target_acc", "checkpoint_every", "keep", "data", "out"}
+SAFE_ON_RESUME = {"budget", "eval_every", "target_acc", "checkpoint_every", "keep", "data"}
 
 
 def dash(name: str) -> str:

@@ -7,6 +7,7 @@ the final evaluation and save (the "reserve", re-estimated from each measured ev
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastmbv1 import augment, distributed
 from fastmbv1.checkpoint import (
+    CHECKPOINT_GLOB,
     latest_training_state,
     model_from_record,
     model_record,
@@ -43,6 +45,8 @@ from fastmbv1.schedule import lr_factor
 from pipelines import build_pipeline, default_pipeline, unavailable
 from pipelines.cifar10 import load_cifar10
 
+# What a run writes besides its checkpoints (--overwrite clears them all).
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.pt")
 # Seconds kept free at the end of a budget for writing final.pt and summary.json.
 SAVE_RESERVE_S = 1.0
 # Without a GPU, checking the loss every step is free; on CUDA it would sync each step.
@@ -71,6 +75,10 @@ def resolve(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, list[s
         ]
         if skipped:
             notes.append(f"no CUDA GPU: skipped {', '.join(skipped)} (CUDA-only defaults)")
+    if cfg.sync_bn and not cuda:
+        raise UserError(
+            "--sync-bn needs CUDA GPUs under torchrun (SyncBatchNorm has no CPU kernel)"
+        )
     if amp == "fp16" and not cuda:
         notes.append("fp16 autocast on the CPU is slow; bf16 or off is the usual choice")
     return replace(cfg, pipeline=pipeline, amp=amp, compile=compile_), notes
@@ -86,6 +94,9 @@ def prepare_out(cfg: TrainConfig, resume: str | None, overwrite: bool, write: bo
         raise UserError(f"output folder {out} already holds a run; pass --overwrite or --resume")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if overwrite and not resume:  # an old run's checkpoints must never pass for this run's
+            for old in (*out.glob(CHECKPOINT_GLOB), *(out / n for n in RUN_FILES)):
+                old.unlink(missing_ok=True)
         probe = out / ".write-test"
         probe.write_text("")
         probe.unlink()
@@ -216,20 +227,6 @@ def train(
     per_rank_batch = distributed.split_batch(cfg.batch_size, world)
     # Every input is checked before anything is written: a mistake leaves no half-made run.
     cifar = load_cifar10(cfg.data)
-    out = prepare_out(cfg, resume, overwrite, write=world.main)
-    state = latest_training_state(out)[0] if resume else None
-    say = print if world.main else (lambda *a, **k: None)  # only rank 0 talks and writes
-    for note in notes:
-        say(f"warning: {note}", file=sys.stderr, flush=True)
-    say("config:", json.dumps(cfg.to_dict()), flush=True)
-    if world.main:
-        write_json(out / "config.json", cfg.to_dict())
-
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    # Fixed shapes every step: let cuDNN pick its fastest depthwise/pointwise kernels once.
-    torch.backends.cudnn.benchmark = device.type == "cuda"
     pipe_opts = pipeline_options(cfg)
     dtype = batch_dtype(cfg.amp)
     common = dict(
@@ -260,6 +257,20 @@ def train(
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set")
 
+    out = prepare_out(cfg, resume, overwrite, write=world.main)
+    state = latest_training_state(out)[0] if resume else None
+    say = print if world.main else (lambda *a, **k: None)  # only rank 0 talks and writes
+    for note in notes:
+        say(f"warning: {note}", file=sys.stderr, flush=True)
+    say("config:", json.dumps(cfg.to_dict()), flush=True)
+    if world.main:
+        write_json(out / "config.json", cfg.to_dict())
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    # Fixed shapes every step: let cuDNN pick its fastest depthwise/pointwise kernels once.
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     if state is not None:
         raw = model_from_record(state["model_record"], out)
         model_name, model_kwargs = state["model_record"]["model"], state["model_record"]["kwargs"]
@@ -307,28 +318,31 @@ def train(
     checkpoint_every = cfg.checkpoint_every
     stopped_by = "epochs"
 
-    def save_checkpoint(epoch: int) -> Path | None:
-        if not world.main:
-            return None
-        return save_training_state(
-            out,
-            epoch,
-            {
-                "config": cfg.to_dict(),
-                "model_record": model_record(raw, model_name, model_kwargs),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng_state(),
-                "epoch": epoch,
-                "step": step,
-                "wall_s": wall(),
-                "train_s_total": train_s_total,
-                "eval_s_total": eval_s_total,
-                "compile_s": compile_s,
-                "skipped_steps": skipped_steps,
-                "metrics": log.records,
-            },
-            cfg.keep,
+    def training_state(epoch: int) -> dict:
+        """Everything a resume needs after ``epoch`` epochs, copied so training can go on."""
+        return {
+            "config": cfg.to_dict(),
+            "model_record": model_record(raw, model_name, model_kwargs),
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "scaler": scaler.state_dict(),
+            "rng": rng_state(),
+            "epoch": epoch,
+            "step": step,
+            "wall_s": wall(),
+            "train_s_total": train_s_total,
+            "eval_s_total": eval_s_total,
+            "compile_s": compile_s,
+            "skipped_steps": skipped_steps,
+            "metrics": list(log.records),
+        }
+
+    def save_checkpoint(state: dict) -> Path | None:
+        return save_training_state(out, state["epoch"], state, cfg.keep) if world.main else None
+
+    def interrupted(path: Path | None, after: str) -> Interrupted:
+        return Interrupted(
+            f"{interrupt['signal']} {after}; saved {path}; "
+            f"continue with: fastmbv1 train --resume {out}"
         )
 
     def run_eval() -> float:
@@ -342,10 +356,13 @@ def train(
         eval_s_total += eval_estimate
         return 100.0 * correct / total
 
-    epoch = start_epoch
+    epoch, first_step, time_driven = start_epoch, step, False
     with graceful_interrupts() as interrupt:
         train_pipe.epoch = start_epoch
         for epoch in range(start_epoch, cfg.epochs):
+            # The state at the epoch's start: an interrupt mid-epoch saves this, so a resumed
+            # run replays the whole epoch exactly rather than skipping its unfinished part.
+            start_state = training_state(epoch) if world.main else None
             t_epoch = time.perf_counter()
             data_wait = 0.0
             losses = torch.zeros(steps_per_epoch, device=device)
@@ -359,7 +376,8 @@ def train(
             t_prev = None
             for i in range(steps_per_epoch):
                 now = wall()
-                if t_prev is not None:
+                # The first step of a run compiles and warms up: it says nothing of the rest.
+                if t_prev is not None and step > first_step + 1:
                     step_s = now - t_prev if step_s == 0 else 0.8 * step_s + 0.2 * (now - t_prev)
                 t_prev = now
                 # Until an evaluation is measured, assume it costs what training does per image.
@@ -367,7 +385,13 @@ def train(
                     eval_estimate if eval_estimate is not None else n_test * step_s / cfg.batch_size
                 )
                 limit = cfg.budget - eval_s - SAVE_RESERVE_S
-                progress = max(step / total_steps, (now + step_s) / max(limit, 1e-9))
+                # Time drives the schedule once the planned steps no longer fit (and from then
+                # on, so the LR never jumps back), so a run that fits its budget is
+                # step-driven and repeats exactly.
+                time_driven = time_driven or now + step_s * (total_steps - step) > limit
+                progress = step / total_steps
+                if time_driven:
+                    progress = max(progress, (now + step_s) / max(limit, 1e-9))
                 progress, stop = world.agree(progress, bool(interrupt["signal"]), device)
                 if stop:
                     interrupt["signal"] = interrupt["signal"] or "a signal on another rank"
@@ -432,6 +456,11 @@ def train(
             _, stop = world.agree(0.0, bool(interrupt["signal"]), device)
             if stop:
                 interrupt["signal"] = interrupt["signal"] or "a signal on another rank"
+            if interrupt["signal"] and done < steps_per_epoch:
+                raise interrupted(
+                    save_checkpoint(start_state),
+                    f"during epoch {epoch + 1}, which a resumed run repeats from its start",
+                )
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_s = time.perf_counter() - t_epoch
@@ -467,12 +496,9 @@ def train(
             if checkpoint_every is None:  # auto: every epoch once epochs take over a minute
                 checkpoint_every = 1 if train_s > 60 else 0
             if interrupt["signal"] or (checkpoint_every and (epoch + 1) % checkpoint_every == 0):
-                path = save_checkpoint(epoch + 1)
+                path = save_checkpoint(training_state(epoch + 1))
             if interrupt["signal"]:
-                raise Interrupted(
-                    f"{interrupt['signal']} after epoch {epoch + 1} step {step}; saved {path}; "
-                    f"continue with: fastmbv1 train --resume {out}"
-                )
+                raise interrupted(path, f"after epoch {epoch + 1} (step {step})")
             if cfg.target_acc is not None and test_acc is not None and test_acc >= cfg.target_acc:
                 stopped_by = "target_acc"
                 break

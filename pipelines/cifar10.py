@@ -178,7 +178,11 @@ def _decode(source: Path) -> dict[str, np.ndarray]:
             path = source / name
             if not path.is_file():
                 raise UserError(f"{path} is missing: {source} is not a complete CIFAR-10 folder")
-            batches[name] = _unpickle(path.read_bytes(), path)
+            try:
+                raw = path.read_bytes()
+            except OSError as e:
+                raise UserError(f"{path} is unreadable ({e.strerror})") from e
+            batches[name] = _unpickle(raw, path)
     train = [batches[n] for n in TRAIN_FILES]
     test = [batches[n] for n in TEST_FILES]
     return {
@@ -243,7 +247,9 @@ def _write_cache(arrays: dict[str, np.ndarray], arrays_dir: Path) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         (tmp / "done").touch()
-        shutil.rmtree(arrays_dir, ignore_errors=True)
+        if (arrays_dir / "done").is_file():  # another process (a DDP rank) finished first
+            return
+        shutil.rmtree(arrays_dir, ignore_errors=True)  # a crashed writer's leftovers
         os.replace(tmp, arrays_dir)
     except OSError as e:
         if (arrays_dir / "done").is_file():  # another process (a DDP rank) finished first

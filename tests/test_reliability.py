@@ -15,7 +15,7 @@ import fastmbv1
 from fastmbv1 import augment
 from fastmbv1.checkpoint import latest_training_state
 from fastmbv1.config import make_config
-from fastmbv1.errors import Diverged, UserError
+from fastmbv1.errors import Diverged, Interrupted, UserError
 from fastmbv1.train import train
 
 FLAGS = [
@@ -239,8 +239,10 @@ def test_out_folder_mistakes(tmp_path, data):
     assert sorted(p.name for p in out.iterdir()) == before
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    assert "is a file" in cli_error("train", "--out", str(a_file), "--data", str(data))
-    assert "not writable" in cli_error("train", "--out", "/proc/fastmbv1/run", "--data", str(data))
+    assert "is a file" in cli_error("train", *FLAGS, "--out", str(a_file), "--data", str(data))
+    assert "not writable" in cli_error(
+        "train", *FLAGS, "--out", "/proc/fastmbv1/run", "--data", str(data)
+    )
 
 
 def test_resume_refuses_recipe_changes_and_bad_checkpoints(tmp_path, data):
@@ -281,3 +283,57 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     expected = (random.random(), np.random.randn(), torch.rand(3).tolist())
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.randn(), torch.rand(3).tolist()) == expected
+
+
+def test_interrupt_mid_epoch_resumes_exactly(tmp_path, data, monkeypatch):
+    full = train(config(tmp_path, data, "full", checkpoint_every=0))
+    real, calls = augment.mixed_loss, []
+
+    def signalling(*args):  # SIGTERM arrives during step 9, in the middle of epoch 2
+        calls.append(1)
+        if len(calls) == 9:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(augment, "mixed_loss", signalling)
+    cut = config(tmp_path, data, "cut", checkpoint_every=0)
+    with pytest.raises(Interrupted, match="during epoch 2"):
+        train(cut)
+    monkeypatch.setattr(augment, "mixed_loss", real)
+    assert latest_training_state(tmp_path / "cut")[0]["epoch"] == 1
+    resumed = train(cut, resume=str(tmp_path / "cut"))
+    pairs = zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True)
+    for (k, a), b in pairs:
+        assert torch.equal(a, b), k
+    assert without_times(records(tmp_path / "cut")) == without_times(records(full.out))
+
+
+def test_two_runs_with_one_seed_are_identical(tmp_path, data):
+    a = train(config(tmp_path, data, "a", epochs=2))
+    b = train(config(tmp_path, data, "b", epochs=2))
+    for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), k
+
+
+def test_overwrite_clears_the_old_runs_checkpoints(tmp_path, data):
+    out = tmp_path / "run"
+    train(config(tmp_path, data, epochs=3))
+    assert (out / "checkpoint-0003.pt").exists()
+    train(config(tmp_path, data, epochs=1), overwrite=True)
+    assert sorted(p.name for p in out.glob("checkpoint-*.pt")) == ["checkpoint-0001.pt"]
+    assert len(records(out)) == 1
+
+
+def test_mistakes_found_before_anything_is_written(tmp_path, data):
+    out = tmp_path / "never"
+    assert "unknown model" in cli_error("train", "--model", "resnet", "--out", str(out))
+    assert "larger than the training set" in cli_error(
+        "train", *FLAGS, "--batch-size", "4096", "--data", str(data), "--out", str(out)
+    )
+    assert "--sync-bn needs CUDA" in cli_error(
+        "train", *FLAGS, "--sync-bn", "--data", str(data), "--out", str(out)
+    )
+    assert not out.exists()
+    assert "cannot be combined with --resume" in cli_error(
+        "train", "--resume", str(out), "--config", "x.toml"
+    )
