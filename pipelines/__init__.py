@@ -6,8 +6,9 @@ on a device: ``x`` float (B, 3, 32, 32) in [0, 1], channels_last, of the request
 is one epoch, numbered from ``p.epoch`` (settable, for resume), drawn from ``seed`` and that
 number alone (see ``pipelines.sampling``).
 
-A new pipeline is one module in this package with ``build(...)`` and ``unavailable(device)``
-and a line in ``MODULES``.
+A new pipeline is one module in this package with ``build(images, labels, **settings)``
+(usually a ``pipelines.sampling.Sampler`` subclass), ``unavailable(device)``, the names of
+its own options in ``OPTIONS`` if it has any, and a line in ``MODULES``.
 """
 
 from __future__ import annotations
@@ -92,7 +93,11 @@ def build_pipeline(
         raise UserError(f"{labels.shape[0]} labels for {images.shape[0]} images")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UserError(f"pipeline dtype must be float32, float16 or bfloat16, got {dtype}")
-    return _module(name).build(
+    module = _module(name)
+    unknown = sorted(set(options) - set(getattr(module, "OPTIONS", ())))
+    if unknown:
+        raise UserError(f"pipeline {name!r} has no option {', '.join(unknown)}")
+    return module.build(
         images,
         labels,
         batch_size=batch_size,

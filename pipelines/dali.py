@@ -15,8 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fastmbv1.errors import UserError
-from pipelines.sampling import epoch_indices, shifts_and_flips
+from pipelines.sampling import Sampler, shifts_and_flips
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -45,8 +44,9 @@ def augment(train: bool, device: str, half: bool):
         mirror = fn.external_source(name="mirror")
         # Integer anchors move the 32x32 window by whole pixels; what falls outside the image
         # reads as zero, which is Pad(4) + RandomCrop(32) without building the padded copy.
-        images = fn.slice(images, start=anchor, shape=(32, 32), axis_names="HW",
-                          out_of_bounds_policy="pad")  # fmt: skip
+        images = fn.slice(
+            images, start=anchor, shape=(32, 32), axis_names="HW", out_of_bounds_policy="pad"
+        )
         images = fn.flip(images, horizontal=mirror)
     # True division, as torch's x.to(dtype) / 255; crop_mirror_normalize multiplies by a
     # reciprocal instead, which is one ulp off for some values.
@@ -54,17 +54,13 @@ def augment(train: bool, device: str, half: bool):
     return fn.cast(x, dtype=types.FLOAT16) if half else x
 
 
-class DaliPipeline:
-    def __init__(self, images, labels, *, batch_size, train, device, seed, dtype, drop_last,
-                 rank, world_size):  # fmt: skip
+class DaliPipeline(Sampler):
+    def __init__(self, images, labels, *, device, dtype, **settings):
         on_gpu = device.type == "cuda"
         if on_gpu and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        self.batch_size, self.train, self.device = batch_size, train, device
-        self.seed, self.dtype, self.drop_last = seed, dtype, drop_last
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self.n = len(images)
+        super().__init__(len(images), device=device, dtype=dtype, **settings)
+        train, batch_size = self.train, self.batch_size
         # (N, 32, 32, 3) uint8. DALI asks torch for a CUDA stream whenever it is fed a torch
         # tensor, so on the host the images stay numpy.
         self.images = torch.tensor(images, device=device) if on_gpu else np.asarray(images)
@@ -85,17 +81,9 @@ class DaliPipeline:
         )
         self.pipe.build()
 
-    def _indices(self, epoch: int) -> np.ndarray:
-        return epoch_indices(self.n, self.batch_size, seed=self.seed, epoch=epoch,
-                             train=self.train, drop_last=self.drop_last,
-                             rank=self.rank, world_size=self.world_size)  # fmt: skip
-
-    def __len__(self) -> int:
-        return -(-len(self._indices(0)) // self.batch_size)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        order = self._indices(epoch)
+        epoch = self.next_epoch()
+        order = self.indices(epoch)
         on_device = torch.as_tensor(order, device=self.device)
         image_order = on_device if self.device.type == "cuda" else order
         if self.train:
@@ -115,22 +103,5 @@ class DaliPipeline:
             yield x.permute(0, 3, 1, 2).to(self.dtype), self.labels[on_device[batch]]
 
 
-def build(
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int,
-    train: bool,
-    device: torch.device,
-    seed: int,
-    dtype: torch.dtype,
-    drop_last: bool,
-    rank: int,
-    world_size: int,
-    **options,
-) -> DaliPipeline:
-    if options:
-        raise UserError(f"pipeline 'dali' takes no options, got {', '.join(options)}")
-    return DaliPipeline(images, labels, batch_size=batch_size, train=train, device=device,
-                        seed=seed, dtype=dtype, drop_last=drop_last, rank=rank,
-                        world_size=world_size)  # fmt: skip
+def build(images: np.ndarray, labels: np.ndarray, **settings) -> DaliPipeline:
+    return DaliPipeline(images, labels, **settings)

@@ -54,3 +54,48 @@ def shifts_and_flips(n: int, *, seed: int, epoch: int) -> tuple[np.ndarray, ...]
     dx = g.integers(-MAX_SHIFT, MAX_SHIFT + 1, n)
     flip = g.integers(0, 2, n).astype(bool)
     return dy, dx, flip
+
+
+class Sampler:
+    """What every pipeline shares: its settings, the epoch counter and each epoch's indices.
+
+    ``epoch`` is the number of the next epoch that iterating will produce (set it to resume).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        batch_size: int,
+        train: bool,
+        device,
+        seed: int,
+        dtype,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+    ):
+        self.n, self.batch_size, self.train, self.device = n, batch_size, train, device
+        self.seed, self.dtype, self.drop_last = seed, dtype, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def indices(self, epoch: int) -> np.ndarray:
+        return epoch_indices(
+            self.n,
+            self.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            train=self.train,
+            drop_last=self.drop_last,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+
+    def __len__(self) -> int:
+        return -(-len(self.indices(0)) // self.batch_size)
+
+    def next_epoch(self) -> int:
+        """The number of the epoch to produce now; advances the counter."""
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return epoch

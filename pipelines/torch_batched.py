@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.sampling import MAX_SHIFT, epoch_indices, shifts_and_flips
+from pipelines.sampling import MAX_SHIFT, Sampler, shifts_and_flips
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -23,15 +23,10 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
-class TorchPipeline:
-    def __init__(
-        self, images, labels, *, batch_size, train, device, seed, dtype, drop_last, rank, world_size
-    ):
-        self.batch_size, self.train, self.device = batch_size, train, device
-        self.seed, self.dtype, self.drop_last = seed, dtype, drop_last
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self.n = len(images)
+class TorchPipeline(Sampler):
+    def __init__(self, images, labels, **settings):
+        super().__init__(len(images), **settings)
+        device, train = self.device, self.train
         # Copies: the arrays may be read-only memory maps of the cache.
         self.labels = torch.tensor(np.asarray(labels), dtype=torch.int64, device=device)
         images = torch.tensor(np.asarray(images), device=device)  # (N, 32, 32, 3) uint8
@@ -42,24 +37,9 @@ class TorchPipeline:
         self.images = images
         self.base = torch.arange(32, device=device)
 
-    def _indices(self, epoch: int) -> np.ndarray:
-        return epoch_indices(
-            self.n,
-            self.batch_size,
-            seed=self.seed,
-            epoch=epoch,
-            train=self.train,
-            drop_last=self.drop_last,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
-
-    def __len__(self) -> int:
-        return -(-len(self._indices(0)) // self.batch_size)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        order = torch.as_tensor(self._indices(epoch), device=self.device)
+        epoch = self.next_epoch()
+        order = torch.as_tensor(self.indices(epoch), device=self.device)
         if self.train:
             dy, dx, flip = (
                 torch.as_tensor(a, device=self.device)

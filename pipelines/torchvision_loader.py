@@ -18,7 +18,7 @@ from torchvision import transforms
 from torchvision.datasets import VisionDataset
 
 from fastmbv1.errors import UserError
-from pipelines.sampling import epoch_indices, rng
+from pipelines.sampling import Sampler, rng
 
 TRANSFORMS = 2  # generator stream beside sampling.ORDER and sampling.AUGMENT
 
@@ -53,42 +53,33 @@ class ArrayDataset(VisionDataset):
         return img, int(self.labels[index])
 
 
-class TorchvisionPipeline:
-    def __init__(self, images, labels, *, batch_size, train, device, seed, dtype, drop_last,
-                 rank, world_size, num_workers, pin_memory):  # fmt: skip
-        self.batch_size, self.train, self.device = batch_size, train, device
-        self.seed, self.dtype, self.drop_last = seed, dtype, drop_last
-        self.rank, self.world_size = rank, world_size
+class TorchvisionPipeline(Sampler):
+    def __init__(self, images, labels, *, num_workers, pin_memory, **settings):
+        super().__init__(len(images), **settings)
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.epoch = 0
+        train = self.train
         if train:
-            transform = transforms.Compose([
-                transforms.Pad(4),
-                transforms.RandomHorizontalFlip(),
-                transforms.RandomCrop(32),
-                transforms.ToTensor(),
-            ])  # fmt: skip
+            transform = transforms.Compose(
+                [
+                    transforms.Pad(4),
+                    transforms.RandomHorizontalFlip(),
+                    transforms.RandomCrop(32),
+                    transforms.ToTensor(),
+                ]
+            )
         else:
             transform = transforms.ToTensor()
         self.dataset = ArrayDataset(np.asarray(images), np.asarray(labels), transform)
 
-    def _indices(self, epoch: int) -> np.ndarray:
-        return epoch_indices(len(self.dataset), self.batch_size, seed=self.seed, epoch=epoch,
-                             train=self.train, drop_last=self.drop_last,
-                             rank=self.rank, world_size=self.world_size)  # fmt: skip
-
-    def __len__(self) -> int:
-        return -(-len(self._indices(0)) // self.batch_size)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
+        epoch = self.next_epoch()
         # Set before the loader starts: each epoch's workers get a fresh copy of the dataset.
         draws = rng(self.seed, epoch, TRANSFORMS)
         self.dataset.seeds = draws.integers(2**63 - 1, size=len(self.dataset))
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            sampler=self._indices(epoch).tolist(),  # already cut to whole batches if asked
+            sampler=self.indices(epoch).tolist(),  # already cut to whole batches if asked
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             # Its own generator: the loader draws a seed for its workers every epoch, which
@@ -101,31 +92,23 @@ class TorchvisionPipeline:
             yield x, y.to(self.device, non_blocking=self.pin_memory)
 
 
+OPTIONS = ("num_workers", "pin_memory")
+
+
 def build(
     images: np.ndarray,
     labels: np.ndarray,
     *,
-    batch_size: int,
-    train: bool,
-    device: torch.device,
-    seed: int,
-    dtype: torch.dtype,
-    drop_last: bool,
-    rank: int,
-    world_size: int,
     num_workers: int = 0,
     pin_memory: bool | None = None,
-    **options,
+    **settings,
 ) -> TorchvisionPipeline:
     """``num_workers``: loader processes (0 = in this one); ``pin_memory``: page-locked
     batches for asynchronous copies, by default when the device is a GPU."""
-    if options:
-        raise UserError(f"pipeline 'torchvision' has no option {', '.join(options)}")
     if not isinstance(num_workers, int) or num_workers < 0:
         raise UserError(f"num_workers must be a whole number >= 0, got {num_workers!r}")
+    if pin_memory is None:
+        pin_memory = settings["device"].type == "cuda"
     return TorchvisionPipeline(
-        images, labels, batch_size=batch_size, train=train, device=device, seed=seed,
-        dtype=dtype, drop_last=drop_last, rank=rank, world_size=world_size,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda" if pin_memory is None else pin_memory,
-    )  # fmt: skip
+        images, labels, num_workers=num_workers, pin_memory=pin_memory, **settings
+    )
