@@ -82,3 +82,20 @@ def real_cifar(real_cifar_path, real_cache, monkeypatch):
 
     monkeypatch.setenv("FASTMBV1_CACHE", str(real_cache))
     return load_cifar10(real_cifar_path)
+
+
+def logits_in_fresh_process(path: Path, x, tmp_path: Path):
+    """What ``fastmbv1.load(path)`` returns for ``x`` in a new Python process."""
+    import subprocess
+    import sys
+
+    import torch
+
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch, fastmbv1; m = fastmbv1.load(sys.argv[1]);"
+        "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])"
+    )
+    args = [str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")]
+    subprocess.run([sys.executable, "-c", code, *args], check=True, timeout=120)
+    return torch.load(tmp_path / "y.pt")

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from conftest import logits_in_fresh_process
 
 import fastmbv1
 from fastmbv1.checkpoint import save_model
@@ -41,17 +42,7 @@ def test_load_contract(tmp_path):
 def test_load_in_a_fresh_process(tmp_path):
     model, path = saved(tmp_path, width=0.25)
     x = torch.rand(2, 3, 32, 32)
-    torch.save(x, tmp_path / "x.pt")
-    code = (
-        "import sys, torch, fastmbv1; m = fastmbv1.load(sys.argv[1]);"
-        "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])"
-    )
-    subprocess.run(
-        [sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-        check=True,
-        timeout=120,
-    )
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x).detach())
+    torch.testing.assert_close(logits_in_fresh_process(path, x, tmp_path), model(x).detach())
 
 
 def test_unnormalised_model_records_no_normalisation(tmp_path):

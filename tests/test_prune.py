@@ -1,11 +1,9 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import tiny_batches, write_archive
+from conftest import logits_in_fresh_process, tiny_batches, write_archive
 
 import fastmbv1
 from fastmbv1 import prune
@@ -49,17 +47,7 @@ def test_pruned_model_loads_in_a_fresh_process(tmp_path):
     path = tmp_path / "pruned.pt"
     save_model(path, pruned, name, {**kwargs, "channels": channels})
     x = torch.rand(2, 3, 32, 32)
-    torch.save(x, tmp_path / "x.pt")
-    code = (
-        "import sys, torch, fastmbv1; m = fastmbv1.load(sys.argv[1]);"
-        "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])"
-    )
-    subprocess.run(
-        [sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-        check=True,
-        timeout=120,
-    )
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), pruned(x).detach())
+    torch.testing.assert_close(logits_in_fresh_process(path, x, tmp_path), pruned(x).detach())
 
 
 def test_target_macs_is_met(monkeypatch):
