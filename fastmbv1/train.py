@@ -184,6 +184,33 @@ def pipeline_options(cfg: TrainConfig) -> dict:
     return {"num_workers": cfg.num_workers} if cfg.pipeline == "torchvision" else {}
 
 
+def recipe_pipeline(
+    cfg: TrainConfig,
+    images,
+    labels,
+    device: torch.device,
+    *,
+    train: bool,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+):
+    """A pipeline as the recipe feeds it: its name, seed, batch dtype and options."""
+    return build_pipeline(
+        cfg.pipeline,
+        images,
+        labels,
+        batch_size=batch_size,
+        train=train,
+        device=device,
+        seed=cfg.seed,
+        dtype=batch_dtype(cfg.amp),
+        rank=rank,
+        world_size=world_size,
+        **pipeline_options(cfg),
+    )
+
+
 def optimisation(cfg: TrainConfig, params, device: torch.device):
     """The recipe's optimiser, grad scaler (live only for fp16) and loss."""
     optimizer = torch.optim.SGD(
@@ -227,31 +254,24 @@ def train(
     per_rank_batch = distributed.split_batch(cfg.batch_size, world)
     # Every input is checked before anything is written: a mistake leaves no half-made run.
     cifar = load_cifar10(cfg.data)
-    pipe_opts = pipeline_options(cfg)
-    dtype = batch_dtype(cfg.amp)
-    common = dict(
-        device=device,
-        seed=cfg.seed,
-        dtype=dtype,
-        rank=world.rank,
-        world_size=world.size,
-        **pipe_opts,
-    )
-    train_pipe = build_pipeline(
-        cfg.pipeline,
+    shard = dict(rank=world.rank, world_size=world.size)
+    train_pipe = recipe_pipeline(
+        cfg,
         cifar.train_images[: cfg.train_limit],
         cifar.train_labels[: cfg.train_limit],
-        batch_size=per_rank_batch,
+        device,
         train=True,
-        **common,
+        batch_size=per_rank_batch,
+        **shard,
     )
-    test_pipe = build_pipeline(
-        cfg.pipeline,
+    test_pipe = recipe_pipeline(
+        cfg,
         cifar.test_images[: cfg.test_limit],
         cifar.test_labels[: cfg.test_limit],
-        batch_size=cfg.eval_batch_size,
+        device,
         train=False,
-        **common,
+        batch_size=cfg.eval_batch_size,
+        **shard,
     )
     steps_per_epoch = len(train_pipe)
     if steps_per_epoch == 0:

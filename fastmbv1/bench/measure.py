@@ -19,7 +19,7 @@ from fastmbv1.config import TrainConfig
 from fastmbv1.errors import UserError
 from fastmbv1.evaluate import autocast, batch_dtype, evaluate
 from fastmbv1.models import build_model
-from fastmbv1.train import optimisation, pipeline_options
+from fastmbv1.train import optimisation, pipeline_options, recipe_pipeline
 from pipelines import build_pipeline
 from pipelines.cifar10 import CIFAR10, load_cifar10
 
@@ -191,17 +191,7 @@ def profile_epoch(
     on CUDA, at the price of any overlap between the two, so ``epoch_s`` is an upper bound.
     """
     start = time.perf_counter()
-    pipe = build_pipeline(
-        cfg.pipeline,
-        images,
-        labels,
-        batch_size=cfg.batch_size,
-        train=True,
-        device=device,
-        seed=cfg.seed,
-        dtype=batch_dtype(cfg.amp),
-        **pipeline_options(cfg),
-    )
+    pipe = recipe_pipeline(cfg, images, labels, device, train=True, batch_size=cfg.batch_size)
     if len(pipe) == 0:
         raise UserError(f"batch size {cfg.batch_size} is larger than the {len(images)} images")
     _, net = build_net(cfg, device)
@@ -245,17 +235,7 @@ def measure_eval(
     cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, device: torch.device
 ) -> float:
     """Seconds of one evaluation pass over ``images``, after a warm-up batch (compile)."""
-    pipe = build_pipeline(
-        cfg.pipeline,
-        images,
-        labels,
-        batch_size=cfg.eval_batch_size,
-        train=False,
-        device=device,
-        seed=cfg.seed,
-        dtype=batch_dtype(cfg.amp),
-        **pipeline_options(cfg),
-    )
+    pipe = recipe_pipeline(cfg, images, labels, device, train=False, batch_size=cfg.eval_batch_size)
     _, net = build_net(cfg, device)
     evaluate(net, [next(iter(pipe))], device, cfg.amp, cfg.channels_last)
     return timed(lambda: evaluate(net, pipe, device, cfg.amp, cfg.channels_last), device)
