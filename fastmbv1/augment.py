@@ -2,9 +2,10 @@
 
 Whole-batch tensor operations only, no loop over samples. Every random draw comes from the
 one ``torch.Generator`` passed in, so a seeded generator replays the same augmentation.
-Draws happen on the generator's device: scalars (lam, the mixup-or-cutmix choice, the box)
-are read on the host, which with a CPU generator costs no GPU synchronisation, and the
-per-sample tensors (permutation, cutout centres) are then copied to the batch's device.
+The generator lives on the host: scalars (lam, the mixup-or-cutmix choice, the box) are read
+there without touching a GPU, and the per-sample tensors (permutation, cutout centres) travel
+to the batch's device through pinned memory without blocking, so no step waits for them. The
+same seed gives the same batches on any device.
 """
 
 from __future__ import annotations
@@ -15,18 +16,25 @@ from collections.abc import Callable
 import torch
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; a copy from pageable memory would block until it is done."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _uniform(generator: torch.Generator) -> float:
-    return torch.rand((), generator=generator, device=generator.device).item()
+    return torch.rand((), generator=generator).item()
 
 
 def _randint(high: int, generator: torch.Generator) -> int:
-    return int(torch.randint(high, (), generator=generator, device=generator.device))
+    return int(torch.randint(high, (), generator=generator))
 
 
 def _beta(alpha: float, generator: torch.Generator) -> float:
     # torch.distributions.Beta takes no generator; Beta(a, a) = G1 / (G1 + G2) with
     # G ~ Gamma(a, 1), and torch._standard_gamma does take one.
-    concentration = torch.full((2,), alpha, dtype=torch.float64, device=generator.device)
+    concentration = torch.full((2,), alpha, dtype=torch.float64)
     g = torch._standard_gamma(concentration, generator=generator)
     return (g[0] / g.sum()).item()
 
@@ -70,8 +78,7 @@ def mix(
     if mixup <= 0 and cutmix <= 0:
         return x, y, y, 1.0
     use_cutmix = cutmix > 0 and (mixup <= 0 or _uniform(generator) < 0.5)
-    perm = torch.randperm(x.shape[0], generator=generator, device=generator.device)
-    perm = perm.to(x.device)
+    perm = _to(torch.randperm(x.shape[0], generator=generator), x.device)
     if use_cutmix:
         x_mixed, lam = _paste_box(x, perm, _beta(cutmix, generator), generator)
     else:
@@ -104,12 +111,25 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tens
     if size <= 0:
         return x
     n, _, h, w = x.shape
-    top = torch.randint(h, (n, 1), generator=generator, device=generator.device) - size // 2
-    left = torch.randint(w, (n, 1), generator=generator, device=generator.device) - size // 2
-    top, left = top.to(x.device), left.to(x.device)
+    top = _to(torch.randint(h, (n, 1), generator=generator) - size // 2, x.device)
+    left = _to(torch.randint(w, (n, 1), generator=generator) - size // 2, x.device)
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
     in_rows = (rows >= top) & (rows < top + size)  # (n, h)
     in_cols = (cols >= left) & (cols < left + size)  # (n, w)
     mask = in_rows[:, None, :, None] & in_cols[:, None, None, :]  # (n, 1, h, w)
-    return x.masked_fill(mask, 0)
+    # In place on a copy that keeps x's layout: masked_fill would return a contiguous tensor
+    # and drop channels_last.
+    return x.clone(memory_format=torch.preserve_format).masked_fill_(mask, 0)
+
+
+def augment_batch(
+    x: torch.Tensor, y: torch.Tensor, cfg, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """A training batch as the recipe ``cfg`` (a TrainConfig) regularises it: cutout, then
+    mixup or cutmix; returns ``mix``'s (x, y_a, y_b, lam)."""
+    if not cfg.channels_last:
+        x = x.contiguous()
+    if cfg.cutout:
+        x = cutout(x, cfg.cutout, generator)
+    return mix(x, y, mixup=cfg.mixup, cutmix=cfg.cutmix, generator=generator)

@@ -109,3 +109,12 @@ def test_cutout_is_reproducible_and_off_at_zero():
     x = torch.rand(4, 3, 32, 32)
     assert torch.equal(cutout(x, 8, gen(5)), cutout(x, 8, gen(5)))
     assert cutout(x, 0, gen(5)) is x
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_cutout_and_mixing_keep_the_batch_layout(layout):
+    x = torch.rand(8, 3, 32, 32).contiguous(memory_format=layout)
+    assert cutout(x, 8, gen(6)).is_contiguous(memory_format=layout)
+    for mixup, cutmix in ((1.0, 0.0), (0.0, 1.0)):
+        xm = mix(x, torch.arange(8), mixup=mixup, cutmix=cutmix, generator=gen(7))[0]
+        assert xm.is_contiguous(memory_format=layout)
