@@ -24,9 +24,8 @@ from fastmbv1.bench.measure import (
     profile_epoch,
     project_budget,
 )
-from fastmbv1.config import make_config
-from fastmbv1.evaluate import pick_device
-from fastmbv1.train import resolve
+from fastmbv1.config import make_config, resolve
+from fastmbv1.machine import pick_device
 from pipelines import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]

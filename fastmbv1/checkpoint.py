@@ -47,24 +47,27 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def model_record(model: nn.Module, name: str, kwargs: dict, meta: dict | None = None) -> dict:
-    """The saved form of ``model``: what ``load`` needs to rebuild it, and nothing pickled."""
+def model_info(model: nn.Module, name: str, kwargs: dict) -> dict:
+    """Everything of the saved form of ``model`` but its weights: what rebuilds it."""
     norm = getattr(model, "normalize", None)
     normalization = (
         {"mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}
         if hasattr(norm, "mean")
         else None
     )
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {
         "format": MODEL_FORMAT,
         "version": 1,
         "model": name,
         "kwargs": kwargs,
         "normalization": normalization,
-        "state_dict": state,
-        "meta": meta or {},
     }
+
+
+def model_record(model: nn.Module, name: str, kwargs: dict, meta: dict | None = None) -> dict:
+    """The saved form of ``model``: what ``load`` needs to rebuild it, and nothing pickled."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {**model_info(model, name, kwargs), "state_dict": state, "meta": meta or {}}
 
 
 def save_model(path, model: nn.Module, name: str, kwargs: dict, meta: dict | None = None) -> None:
@@ -114,9 +117,10 @@ TRAIN_FORMAT = "fastmbv1-train"
 CHECKPOINT_GLOB = "checkpoint-*.pt"
 
 
-def save_training_state(out: Path, epoch: int, state: dict, keep: int) -> Path:
-    """Write ``checkpoint-<epoch>.pt`` atomically, then drop all but the newest ``keep``."""
-    path = out / f"checkpoint-{epoch:04d}.pt"
+def save_training_state(out: Path, state: dict, keep: int) -> Path:
+    """Write ``checkpoint-<state["epoch"]>.pt`` atomically, then drop all but the newest
+    ``keep``."""
+    path = out / f"checkpoint-{state['epoch']:04d}.pt"
     atomic_save({"format": TRAIN_FORMAT, **state}, path)
     for old in sorted(out.glob(CHECKPOINT_GLOB))[:-keep]:
         old.unlink(missing_ok=True)

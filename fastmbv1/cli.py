@@ -7,8 +7,28 @@ import sys
 from dataclasses import fields
 
 from fastmbv1.bench.cli import add_arguments as add_bench_arguments
-from fastmbv1.config import PRESETS, TrainConfig, dash
+from fastmbv1.config import PRESETS, TrainConfig, dash, field_type
 from fastmbv1.errors import FastError, UserError
+
+DESCRIPTION = """\
+Train MobileNetV1 on CIFAR-10 against a wall-clock budget, and show where the time goes.
+
+examples:
+  fastmbv1 train                     the recipe for this machine (a GPU's, or the CPU's)
+  fastmbv1 train --budget 150        the same, sized for two and a half minutes
+  fastmbv1 eval --checkpoint runs/NAME/final.pt
+  fastmbv1 bench epoch               data loading against compute, per pipeline
+  fastmbv1 COMMAND --help            everything a command takes
+"""
+TRAIN_DESCRIPTION = """\
+Train on CIFAR-10 until the epochs are done or --budget seconds of wall clock (loading,
+compiling, evaluating and saving included) are spent; the learning rate anneals either way.
+Writes config.json, metrics.jsonl, summary.json and final.pt into --out.
+
+A preset sets the recipe; every flag below overrides one of its fields. --preset auto (the
+default) takes 'fast' on a CUDA GPU and 'cpu' otherwise; defaults shown as "fast X, cpu Y"
+differ between the two.
+"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,16 +38,27 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def shown_default(name: str, default) -> str:
+    """A field's default as help shows it: the two presets auto picks, where they differ."""
+    fast, cpu = (
+        {True: "on", False: "off"}.get(v, v)
+        for v in (PRESETS[p].get(name, default) for p in ("fast", "cpu"))
+    )
+    if fast == cpu:
+        return "" if default is None else f" (default {fast})"
+    return f" (default: fast {fast}, cpu {cpu})"
+
+
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; unset flags stay out of the namespace (SUPPRESS)."""
     for f in fields(TrainConfig):
-        base = f.type.split(" | ")[0]
-        kw = {"default": argparse.SUPPRESS, "help": f.metadata["help"]}
-        if base == "bool":
+        kind = field_type(f.name)
+        help = f.metadata["help"] + shown_default(f.name, f.default)
+        kw = {"default": argparse.SUPPRESS, "help": help.replace("%", "%%")}
+        if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = {"int": int, "float": float, "str": str}[base]
-            kw["metavar"] = f.name.upper()
+            kw["type"], kw["metavar"] = kind, f.name.upper()
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
         p.add_argument(f"--{dash(f.name)}", **kw)
@@ -97,12 +128,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="fastmbv1", description=__doc__.splitlines()[0])
+    parser = Parser(
+        prog="fastmbv1", description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=Parser
     )
 
-    p = sub.add_parser("train", help="train on CIFAR-10 within a time budget")
+    p = sub.add_parser(
+        "train",
+        help="train on CIFAR-10 within a time budget",
+        description=TRAIN_DESCRIPTION,
+        usage="fastmbv1 train [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_flags(p)
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="reuse an --out folder holding a run")

@@ -1,8 +1,9 @@
 """One config dataclass for a training run, presets as data, TOML files with the same names.
 
 Precedence, lowest first: the dataclass defaults, the preset, ``--config FILE``, the flags.
-Fields left as ``None`` are decided by the machine at start (``resolve``), then printed and
-saved in their resolved form, so ``config.json`` always says what really ran.
+The preset ``auto`` becomes ``fast`` on a CUDA GPU and ``cpu`` otherwise as the config is
+made; fields left as ``None`` are decided by the machine at start (``resolve``). Both are
+printed and saved in their resolved form, so ``config.json`` always says what really ran.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field, fields
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +31,23 @@ def opt(default, help: str, **kw):
 
 @dataclass
 class TrainConfig:
-    preset: str = opt("fast", "recipe to start from: fast, cpu, baseline or custom")
+    preset: str = opt(
+        "auto", "recipe: auto (fast on a CUDA GPU, else cpu), fast, cpu, baseline or custom"
+    )
     model: str = opt("mobilenet_v1", "network, by registry name")
     width: float = opt(1.0, "width multiplier for every layer's channels")
     normalize: bool = opt(True, "standardise inputs inside the model (off in the baseline)")
     dropout: float = opt(0.0, "dropout before the classifier")
-    pipeline: str | None = opt(None, "data pipeline (default: dali on CUDA, else the fastest)")
+    pipeline: str | None = opt(
+        None,
+        "data pipeline: dali, torch or torchvision (default: dali on a CUDA GPU where it is "
+        "installed, else torch)",
+    )
     num_workers: int = opt(0, "DataLoader workers for the torchvision pipeline")
     device: str = opt("auto", "auto, cuda or cpu", choices=("auto", "cuda", "cpu"))
     epochs: int = opt(30, "epochs to train (the budget may end the run sooner)")
     batch_size: int = opt(512, "training batch size")
     eval_batch_size: int = opt(1000, "evaluation batch size")
-    optimizer: str = opt("sgd", "optimiser", choices=("sgd",))
     lr: float = opt(0.4, "peak learning rate")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "Nesterov momentum")
@@ -84,10 +92,6 @@ class TrainConfig:
         need(
             self.model in MODELS,
             f"unknown model {self.model!r}; choose from {', '.join(sorted(MODELS))}",
-        )
-        need(
-            self.preset in PRESETS,
-            f"unknown preset {self.preset!r}; choose from " + ", ".join(PRESETS),
         )
         for name in ("width", "budget", "lr"):
             value = getattr(self, name)
@@ -194,6 +198,14 @@ def dash(name: str) -> str:
     return name.replace("_", "-")
 
 
+def field_type(name: str) -> type:
+    """The plain type of a TrainConfig field: ``float`` for ``float | None`` too."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (hint,) = (a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
 def field_names() -> set[str]:
     return {f.name for f in fields(TrainConfig)}
 
@@ -221,16 +233,26 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def auto_preset(device: str) -> str:
+    """What ``--preset auto`` means on ``--device DEVICE``: the GPU recipe only on a GPU."""
+    import torch
+
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "fast" if cuda else "cpu"
+
+
 def make_config(overrides: dict[str, Any], config_file: str | None = None) -> TrainConfig:
     """Defaults <- preset <- TOML file <- explicit overrides (flags), then type-checked."""
     from_file = read_toml(config_file) if config_file else {}
-    preset = overrides.get("preset", from_file.get("preset", "fast"))
+    given = {**from_file, **overrides}
+    preset = given.get("preset", "auto")
+    if preset == "auto":
+        preset = auto_preset(given.get("device", "auto"))
     if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    merged = {**PRESETS[preset], **from_file, **overrides, "preset": preset}
-    types = {f.name: f.type for f in fields(TrainConfig)}
+        raise UserError(f"unknown preset {preset!r}; choose from auto, {', '.join(PRESETS)}")
+    merged = {**PRESETS[preset], **given, "preset": preset}
     for name, value in merged.items():
-        merged[name] = _coerce(name, value, types[name])
+        merged[name] = _coerce(name, value, field_type(name))
     return TrainConfig(**merged).validate()
 
 
@@ -243,6 +265,7 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig
         raise UserError(f"--resume {run_dir}: no config.json, not a fastmbv1 run folder") from None
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"--resume {run_dir}: unreadable config.json ({e})") from None
+    stored.pop(WHY, None)
     for name, value in overrides.items():
         if name not in SAFE_ON_RESUME and value != stored.get(name):
             raise UserError(
@@ -253,17 +276,57 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig
     return make_config({**stored, **overrides})
 
 
-def _coerce(name: str, value: Any, annotation: str) -> Any:
+# config.json keeps, beside the fields, why the machine-dependent ones got their values.
+WHY = "why"
+
+
+def resolve(cfg: TrainConfig, device) -> tuple[TrainConfig, dict[str, str]]:
+    """Fill the machine-dependent fields left as None, and say why each got its value."""
+    from pipelines import default_pipeline, unavailable
+
+    why = {}
+    cuda = device.type == "cuda"
+    pipeline = cfg.pipeline or default_pipeline(device)
+    reason = unavailable(pipeline, device)
+    if reason:
+        raise UserError(f"pipeline {pipeline!r} cannot run on {device}: {reason}")
+    if cfg.sync_bn and not cuda:
+        raise UserError(
+            "--sync-bn needs CUDA GPUs under torchrun (SyncBatchNorm has no CPU kernel)"
+        )
+    defaults = {
+        "pipeline": (pipeline, "DALI is the default on a CUDA GPU where it is installed"),
+        "amp": ("bf16" if cuda else "off", "bf16 autocast is the default on a CUDA GPU only"),
+        "compile": (cuda, "torch.compile is the default on a CUDA GPU only"),
+    }
+    filled = {}
+    for name, (value, because) in defaults.items():
+        if getattr(cfg, name) is None:
+            filled[name] = value
+            shown = {True: "on", False: "off"}.get(value, value)
+            why[name] = f"{shown}: {because}"
+    if cfg.amp == "fp16" and not cuda:
+        why["amp"] = "fp16: slow on the CPU; bf16 or off is the usual choice"
+    if filled.get("compile", cfg.compile):
+        from fastmbv1.step import compile_problem
+
+        problem = compile_problem(device)
+        if problem:  # e.g. no C compiler for Inductor: train eager rather than not at all
+            filled["compile"] = False
+            why["compile"] = f"off: torch.compile failed on a tiny probe ({problem}); eager"
+    return replace(cfg, **filled), why
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
     """Check a value from a TOML file against the field's type (ints pass as floats)."""
     if value is None:
         return None
-    base = annotation.split(" | ")[0]
     ok = {
-        "bool": isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "str": isinstance(value, str),
-    }[base]
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
     if not ok:
-        raise UserError(f"{name} must be of type {base}, got {value!r}")
-    return float(value) if base == "float" else value
+        raise UserError(f"{name} must be of type {kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,10 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    # A gloo group beside NCCL: host values (clock, signals) reduce on the CPU, so agreeing
+    # on them never synchronises a GPU stream. None on a single process or where gloo is
+    # the default group already.
+    host_group: Any = None
 
     @property
     def main(self) -> bool:
@@ -36,17 +41,17 @@ class World:
             return torch.device("cuda", self.local_rank)
         return device
 
-    def agree(self, progress: float, stop: bool, device: torch.device) -> tuple[float, bool]:
-        """Every rank gets the largest progress and whether any rank must stop.
+    def max_over_ranks(self, *values: float) -> list[float]:
+        """Each value's largest over all ranks, computed on the host.
 
         Ranks must take the same LR and stop at the same step, or their weights drift and
         a rank waits forever in an all-reduce that the others never join.
         """
         if not self.active:
-            return progress, stop
-        t = torch.tensor([progress, float(stop)], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t[0]), bool(t[1])
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        return t.tolist()
 
     def sum(self, values: list[int], device: torch.device) -> list[int]:
         if not self.active:
@@ -54,6 +59,14 @@ class World:
         t = torch.tensor(values, dtype=torch.int64, device=device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def share_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (BN statistics) on every rank. DDP sends them before each training
+        forward, so after the last step each rank still holds the statistics of its own
+        batches; evaluating or saving needs one model."""
+        if self.active:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
 
     def barrier(self) -> None:
         if self.active:
@@ -65,12 +78,14 @@ def init(device: torch.device) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
-    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.type == "cuda"
     if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(world.local_rank)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return world
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return World(rank, size, local_rank, host_group)
 
 
 def split_batch(batch_size: int, world: World) -> int:

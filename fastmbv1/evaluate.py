@@ -7,16 +7,6 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from fastmbv1.errors import UserError
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
-    return torch.device(name)
-
 
 def autocast(device: torch.device, amp: str):
     if amp == "off":
@@ -53,6 +43,7 @@ def evaluate(
 def evaluate_checkpoint(path: str, data: str | None = None, device: str = "auto") -> float:
     """Test accuracy (percent) of a saved model on the CIFAR-10 test set; writes nothing."""
     from fastmbv1.checkpoint import load
+    from fastmbv1.machine import pick_device
     from pipelines import build_pipeline
     from pipelines.cifar10 import load_cifar10
 

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastmbv1.checkpoint import model_from_record, read_checkpoint, save_model
 from fastmbv1.errors import UserError
-from fastmbv1.evaluate import pick_device
+from fastmbv1.machine import pick_device
 from fastmbv1.models import build_model
 
 IMAGE_SHAPE = (3, 32, 32)

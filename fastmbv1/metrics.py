@@ -60,19 +60,24 @@ class RunLog:
         if self.write and not quiet:
             print(format_record(record), flush=True)
 
-    def set_last_test_acc(self, acc: float, eval_s: float) -> None:
-        """Record an evaluation made after the last epoch's line was written."""
-        last = self.records.pop()
-        if self.write:
-            lines = self.path.read_text().splitlines(keepends=True)
-            self.path.write_text("".join(lines[:-1]))
-        self.add({**last, "test_acc": acc, "eval_s": eval_s}, quiet=True)
+    def start(self, config: dict, resumed_after: int | None = None) -> None:
+        """Say what runs, and why the machine-dependent choices went as they did; write
+        ``config.json``. ``config`` is the resolved config with its ``why`` notes."""
+        if not self.write:
+            return
+        for name, because in config.get("why", {}).items():
+            print(f"{name} {because}", file=sys.stderr, flush=True)
+        print("config:", json.dumps(config), flush=True)
+        write_json(self.path.parent / "config.json", config)
+        if resumed_after is not None:
+            print(f"resuming {self.path.parent} after epoch {resumed_after}", flush=True)
 
 
 def format_record(r: dict) -> str:
     test = f"{r['test_acc']:6.2f}%" if r.get("test_acc") is not None else "   -   "
+    loss = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "   -  "
     return (
-        f"epoch {r['epoch']:3d}  lr {r['lr']:.4f}  loss {r['train_loss']:.4f}  "
+        f"epoch {r['epoch']:3d}  lr {r['lr']:.4f}  loss {loss}  "
         f"train {r['train_acc']:6.2f}%  test {test}  {r['images_per_s']:8.0f} img/s  "
         f"wait {r['data_wait_s']:6.2f}s  train {r['train_s']:7.1f}s  wall {r['wall_s']:7.1f}s"
     )

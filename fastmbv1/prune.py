@@ -20,8 +20,9 @@ import torch.nn as nn
 from fastmbv1.checkpoint import model_from_record, read_checkpoint
 from fastmbv1.config import make_config
 from fastmbv1.errors import UserError
-from fastmbv1.evaluate import evaluate, pick_device
+from fastmbv1.evaluate import evaluate
 from fastmbv1.info import IMAGE_SHAPE, batch_seconds, model_cost
+from fastmbv1.machine import pick_device
 from fastmbv1.metrics import write_json
 from fastmbv1.models import build_model
 

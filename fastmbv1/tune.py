@@ -94,7 +94,7 @@ class Space:
 
 
 def default_space() -> Space:
-    from fastmbv1.evaluate import pick_device
+    from fastmbv1.machine import pick_device
     from pipelines import available
 
     usable = tuple(n for n, why in available(pick_device("auto")).items() if why is None)

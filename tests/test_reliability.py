@@ -273,7 +273,7 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
 
     import numpy as np
 
-    from fastmbv1.train import rng_state, set_rng_state
+    from fastmbv1.state import rng_state, set_rng_state
 
     random.seed(1)
     np.random.seed(2)

@@ -225,3 +225,19 @@ def test_real_cifar_learns_on_the_cpu(tmp_path, real_cifar_path, real_cache, mon
     assert summary["wall_s"] <= 155
     assert summary["final_test_acc"] > 45.0, summary["final_test_acc"]
     assert np.isfinite(summary["train_s"])
+
+
+def test_fp16_skipped_steps_are_counted_without_asking_the_host():
+    from fastmbv1.step import build_run, train_step
+
+    cfg = make_config({"preset": "cpu", "amp": "fp16", "compile": False})
+    run = build_run(cfg, torch.device("cpu"))
+    y = torch.arange(8) % 10
+    good = torch.rand(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    bad = torch.full_like(good, float("inf"))  # overflows for sure
+    skipped = 0
+    for x in (bad, good, good, bad, good):
+        scale = run.scaler.get_scale()  # the scaler halves its scale exactly when it skips
+        train_step(run, x, y, y, 1.0)
+        skipped += run.scaler.get_scale() < scale
+    assert int(run.skipped_steps) == skipped >= 2

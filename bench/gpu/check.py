@@ -20,7 +20,7 @@ from pathlib import Path
 from fastmbv1.bench.cli import BENCHES, document, write_document
 from fastmbv1.bench.report import report
 from fastmbv1.cli import build_parser
-from fastmbv1.evaluate import pick_device
+from fastmbv1.machine import pick_device
 
 # Seconds kept for the training run's own start (imports, data) and its final save.
 TRAIN_MARGIN_S = 30

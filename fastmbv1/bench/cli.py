@@ -87,8 +87,7 @@ def pipeline_specs(args: argparse.Namespace, device) -> list[tuple[str, dict, st
 
 def preset_config(name: str, device):
     """Preset ``name`` as ``fastmbv1 train`` would run it on ``device``."""
-    from fastmbv1.config import make_config
-    from fastmbv1.train import resolve
+    from fastmbv1.config import make_config, resolve
 
     return resolve(make_config({"preset": name, "device": device.type}), device)[0]
 
@@ -260,7 +259,7 @@ BENCHES: dict[str, Callable[[argparse.Namespace, object], Table]] = {
 
 def document(command: str, device, rows: list[dict]) -> dict:
     """What a saved result file holds: the command, where it ran, with what, and the rows."""
-    from fastmbv1.train import device_name, versions
+    from fastmbv1.machine import device_name, versions
 
     return {
         "command": command,
@@ -302,8 +301,7 @@ def run(args: argparse.Namespace) -> int:
     check_numbers(args)
     if args.bench == "report":
         return run_report(args)
-    from fastmbv1.evaluate import pick_device
-    from fastmbv1.train import device_name, versions
+    from fastmbv1.machine import device_name, pick_device, versions
 
     device = pick_device(args.device)
     table = BENCHES[args.bench](args, device)

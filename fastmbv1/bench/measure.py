@@ -13,13 +13,14 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 
+from fastmbv1.augment import augment_batch
 from fastmbv1.config import TrainConfig
+from fastmbv1.data import pipeline_options, recipe_pipeline
 from fastmbv1.errors import UserError
-from fastmbv1.evaluate import autocast, batch_dtype, evaluate
-from fastmbv1.models import build_model
-from fastmbv1.train import optimisation, pipeline_options, recipe_pipeline
+from fastmbv1.evaluate import batch_dtype, evaluate
+from fastmbv1.machine import sync
+from fastmbv1.step import build_run, train_step
 from pipelines import build_pipeline
 from pipelines.cifar10 import CIFAR10, load_cifar10
 
@@ -31,13 +32,6 @@ ORIGINAL_T4 = (
     {"run": "original baseline", "batch_size": 100, "epochs": 100, "train_s": 3485.0},
     {"run": "original CustomMobileNet", "batch_size": 500, "epochs": 105, "train_s": 3545.0},
 )
-
-Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def load_data(data: str | None, images: int | None = None, synthetic: bool = False) -> CIFAR10:
@@ -99,35 +93,6 @@ def measure_loader(
     }
 
 
-def build_net(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """``cfg``'s model on ``device`` in training mode, and what runs it (compiled or not)."""
-    kwargs = {"width": cfg.width, "normalize": cfg.normalize}
-    if cfg.dropout:
-        kwargs["dropout"] = cfg.dropout
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = build_model(cfg.model, **kwargs).to(device, memory_format=memory_format).train()
-    return model, torch.compile(model) if cfg.compile else model
-
-
-def training_step(cfg: TrainConfig, net: nn.Module, device: torch.device) -> Step:
-    """Forward, backward and optimiser step of ``cfg``'s recipe, as the trainer takes them
-    (mixup and cutout excluded: they change the batch, not the step)."""
-    optimizer, scaler, criterion = optimisation(cfg, net.parameters(), device)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not cfg.channels_last:
-            x = x.contiguous()
-        with autocast(device, cfg.amp):
-            loss = criterion(net(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss
-
-    return step
-
-
 def random_batch(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch shaped, typed and laid out as the pipelines deliver one for ``cfg``."""
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -165,12 +130,11 @@ def measure_step(
     ``first_step_s`` includes compiling when ``cfg.compile``; ``compile_s`` is what it took
     beyond a steady step.
     """
-    _, net = build_net(cfg, device)
-    step = training_step(cfg, net, device)
+    run = build_run(cfg, device)
     x, y = random_batch(cfg, device)
-    first = timed(lambda: step(x, y), device)
-    timed(lambda: step(x, y), device, warmup)  # allocator, cuDNN choices, lazy init
-    step_s = timed(lambda: step(x, y), device, steps) / steps
+    first = timed(lambda: train_step(run, x, y, y, 1.0), device)
+    timed(lambda: train_step(run, x, y, y, 1.0), device, warmup)  # allocator, cuDNN, lazy init
+    step_s = timed(lambda: train_step(run, x, y, y, 1.0), device, steps) / steps
     return {
         **describe(cfg, device),
         "steps": steps,
@@ -189,16 +153,17 @@ def profile_epoch(
     ``setup_s`` (pipeline, model, compile and two warm-up steps on a random batch) stays
     out of the epoch. Synchronising after each batch and each step makes the split honest
     on CUDA, at the price of any overlap between the two, so ``epoch_s`` is an upper bound.
+    Batches are regularised (cutout, mixup) as the trainer does, as part of the compute.
     """
     start = time.perf_counter()
     pipe = recipe_pipeline(cfg, images, labels, device, train=True, batch_size=cfg.batch_size)
     if len(pipe) == 0:
         raise UserError(f"batch size {cfg.batch_size} is larger than the {len(images)} images")
-    _, net = build_net(cfg, device)
-    step = training_step(cfg, net, device)
+    run = build_run(cfg, device)
     x, y = random_batch(cfg, device)
-    timed(lambda: step(x, y), device, 2)
+    timed(lambda: train_step(run, x, y, y, 1.0), device, 2)
     setup_s = time.perf_counter() - start
+    gen = torch.Generator().manual_seed(cfg.seed)
 
     wait = compute = 0.0
     seen = 0
@@ -209,7 +174,7 @@ def profile_epoch(
         x, y = next(batches)
         sync(device)
         t_data = time.perf_counter()
-        step(x, y)
+        train_step(run, *augment_batch(x, y, cfg, gen))
         sync(device)
         wait += t_data - t
         compute += time.perf_counter() - t_data
@@ -236,9 +201,9 @@ def measure_eval(
 ) -> float:
     """Seconds of one evaluation pass over ``images``, after a warm-up batch (compile)."""
     pipe = recipe_pipeline(cfg, images, labels, device, train=False, batch_size=cfg.eval_batch_size)
-    _, net = build_net(cfg, device)
-    evaluate(net, [next(iter(pipe))], device, cfg.amp, cfg.channels_last)
-    return timed(lambda: evaluate(net, pipe, device, cfg.amp, cfg.channels_last), device)
+    model = build_run(cfg, device).model_for_eval
+    evaluate(model, [next(iter(pipe))], device, cfg.amp, cfg.channels_last)
+    return timed(lambda: evaluate(model, pipe, device, cfg.amp, cfg.channels_last), device)
 
 
 def epochs_in(budget: float, epoch_s: float, setup_s: float = 0.0) -> int:

@@ -1,0 +1,95 @@
+"""The budget clock: how far a run is through its schedule, and when it must stop.
+
+``--budget`` is wall-clock time for the whole run: loading, compiling, training, every
+evaluation and the final save. Before each step the clock answers one question: the
+schedule's progress in [0, 1], where 1 means "stop now". Progress is the step count over the
+planned steps while they fit into the time left; once they no longer fit (and from then on,
+so the LR never jumps back) it is the larger of that and the time used over the time
+available, which anneals a budget-cut run to the end of its schedule. So a run that fits its
+budget is step-driven and repeats exactly, and one that does not still ends annealed.
+
+The time available keeps back a reserve for the final evaluation (as measured at the last
+evaluation, or guessed from the training speed before the first) and for the save. Training
+stops one step before the budget would be overrun.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+# Seconds kept free at the end of a budget for writing final.pt and summary.json.
+SAVE_RESERVE_S = 1.0
+# Weight of the newest step in the running step-time estimate.
+STEP_SMOOTHING = 0.2
+
+
+class BudgetClock:
+    """Wall clock, step-time estimate, evaluation reserve, and the progress-and-stop rule.
+
+    ``eval_steps``: until an evaluation has been measured, assume it takes this many training
+    steps (the test set's size over the batch size: the same time per image as training).
+    ``elapsed``: seconds a resumed run had already used. ``start``: when this session's time
+    began, as ``now`` read it (default: now). ``now``: the time source (a fake one in tests).
+    """
+
+    def __init__(
+        self,
+        budget: float,
+        total_steps: int,
+        *,
+        eval_steps: float,
+        elapsed: float = 0.0,
+        start: float | None = None,
+        now: Callable[[], float] = time.perf_counter,
+    ):
+        self.budget, self.total_steps, self.eval_steps = budget, total_steps, eval_steps
+        self.now, self.elapsed = now, elapsed
+        self.start = now() if start is None else start
+        self.step_s = 0.0  # running estimate of one step's wall time
+        self.eval_s: float | None = None  # the last evaluation's measured seconds
+        self.time_driven = False
+        self.steps_seen = 0  # steps timed by this clock: the first ones compile and warm up
+        self.last_tick: float | None = None
+
+    def wall(self) -> float:
+        """Seconds of the budget used so far (a resumed run's earlier time included)."""
+        return self.elapsed + self.now() - self.start
+
+    def eval_reserve(self) -> float:
+        return self.eval_s if self.eval_s is not None else self.eval_steps * self.step_s
+
+    def available(self) -> float:
+        """Seconds of the budget that training may use: the rest is the final eval and save."""
+        return self.budget - self.eval_reserve() - SAVE_RESERVE_S
+
+    def measured_eval(self, seconds: float) -> None:
+        self.eval_s = seconds
+
+    def new_epoch(self) -> None:
+        """The gap since the last step (evaluation, checkpoint) is not a step's time."""
+        self.last_tick = None
+
+    def progress(self, step: int) -> float:
+        """Called before step ``step`` (0-based) runs: its schedule progress; >= 1 means stop."""
+        now = self.wall()
+        # The first two steps a clock sees compile and warm up: they say nothing of the rest.
+        if self.last_tick is not None and self.steps_seen >= 2:
+            took = now - self.last_tick
+            self.step_s = (
+                took
+                if self.step_s == 0
+                else ((1 - STEP_SMOOTHING) * self.step_s + STEP_SMOOTHING * took)
+            )
+        self.last_tick = now
+        self.steps_seen += 1
+        limit = self.available()
+        self.time_driven = self.time_driven or now + self.step_s * (self.total_steps - step) > limit
+        progress = step / self.total_steps
+        if self.time_driven:
+            progress = max(progress, (now + self.step_s) / max(limit, 1e-9))
+        return progress
+
+    def fits_a_step(self, after: float = 0.0) -> bool:
+        """Whether one more step would still fit if ``after`` seconds were spent first."""
+        return self.wall() + after + self.step_s < self.available()

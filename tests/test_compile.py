@@ -1,0 +1,152 @@
+"""torch.compile through the real trainer, on the CPU, so the compiled path runs on every change.
+
+Inductor works here (gcc is installed). The tests that only count graphs use a backend that
+records each graph and runs it as it is, which compiles in moments.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import tiny_batches, write_archive
+
+import fastmbv1
+from fastmbv1 import step
+from fastmbv1 import train as train_module
+from fastmbv1.config import make_config
+from fastmbv1.train import train
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
+
+
+def config(tmp_path, data, name="run", **kw):
+    base = dict(
+        preset="cpu",
+        data=str(data),
+        out=str(tmp_path / name),
+        width=0.25,
+        epochs=1,
+        batch_size=32,
+        eval_batch_size=64,
+        pipeline="torch",
+        compile=True,
+    )
+    return make_config({**base, **kw})
+
+
+class CountingBackend:
+    """A dynamo backend that keeps every graph it is given and runs it uncompiled."""
+
+    def __init__(self) -> None:
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    backend = CountingBackend()
+    monkeypatch.setattr(step, "COMPILE_BACKEND", backend)
+    return backend
+
+
+@pytest.mark.slow
+def test_inductor_trains_bf16_channels_last(tmp_path, data):
+    result = train(config(tmp_path, data, amp="bf16", channels_last=True, epochs=2))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["compile_s"] > 0 and "compile" not in summary["why"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["compile"] is True
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fastmbv1.load(tmp_path / "run" / "final.pt")(x), result.model(x))
+
+
+def test_a_fifth_width_in_one_process_is_still_compiled(tmp_path, data, counting):
+    # Each width adds graphs to the same forward code; without a fresh compile state per run
+    # the fifth width would hit dynamo's recompile limit and silently run eager.
+    for i, width in enumerate((0.25, 0.5, 0.75, 1.0, 0.125)):
+        before = len(counting.graphs)
+        train(config(tmp_path, data, f"w{i}", width=width))
+        assert len(counting.graphs) > before, f"width {width} was not compiled"
+
+
+def test_the_eval_graph_compiles_after_the_first_step_not_in_an_evaluation(
+    tmp_path, data, counting, monkeypatch
+):
+    real, seen = train_module.evaluate_run, []
+
+    def watched(*args):
+        before = len(counting.graphs)
+        acc = real(*args)
+        seen.append(len(counting.graphs) - before)
+        return acc
+
+    monkeypatch.setattr(train_module, "evaluate_run", watched)
+    summary = train(config(tmp_path, data, epochs=2)).summary
+    assert seen == [0, 0]  # no evaluation compiled anything: the warm-up did, and counted it
+    assert summary["compile_s"] > 0
+
+
+def test_a_backend_that_cannot_compile_falls_back_to_eager(tmp_path, data, monkeypatch, capsys):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C compiler here")
+
+    monkeypatch.setattr(step, "COMPILE_BACKEND", broken)
+    train(config(tmp_path, data))
+    err = capsys.readouterr().err
+    assert "compile off: torch.compile failed" in err and "no C compiler here" in err
+    for name in ("config.json", "summary.json"):
+        saved = json.loads((tmp_path / "run" / name).read_text())
+        assert "no C compiler here" in saved["why"]["compile"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["compile"] is False
+
+
+def rank_main(rank, world, port, data, out, cache):
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        FASTMBV1_CACHE=cache,
+    )
+    torch.set_num_threads(1)
+    from fastmbv1 import distributed
+
+    cfg = make_config(
+        dict(
+            preset="cpu",
+            data=data,
+            out=out,
+            width=0.25,
+            epochs=1,
+            batch_size=32,
+            eval_batch_size=20,
+            pipeline="torch",
+            compile=True,
+        )
+    )
+    result = train(cfg)
+    torch.save(result.model.state_dict(), f"{out}.rank{rank}.pt")
+    distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_compiled_in_step(tmp_path, data):
+    from test_distributed import free_port
+
+    out = tmp_path / "run"
+    args = (2, free_port(), str(data), str(out), str(tmp_path / "cache"))
+    mp.spawn(rank_main, args=args, nprocs=2, join=True)
+    w0, w1 = (torch.load(f"{out}.rank{r}.pt") for r in (0, 1))
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    assert json.loads((out / "summary.json").read_text())["compile_s"] > 0
