@@ -27,6 +27,13 @@ def bench_json(capsys, command: str) -> dict:
     return json.loads(out)
 
 
+def printed_table(out: str) -> tuple[str, list[list[str]]]:
+    """The header line and the cells of each line below the dashed rule that a table prints."""
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line and set(line) == {"-"})
+    return lines[rule - 1], [line.split() for line in lines[rule + 1 :]]
+
+
 def test_loaders_table_and_saved_file(capsys, tmp_path):
     status, out, err = bench(
         capsys,
@@ -34,12 +41,9 @@ def test_loaders_table_and_saved_file(capsys, tmp_path):
         f"--pipelines torch torchvision:num_workers=0 --save --results {tmp_path}",
     )
     assert status == 0, err
-    lines = out.splitlines()
-    assert lines[1].split()[:3] == ["pipeline", "workers", "batch"]
-    assert [line.split()[:3] for line in lines[2:]] == [
-        ["torch", "-", "32"],
-        ["torchvision", "0", "32"],
-    ]
+    header, rows = printed_table(out)
+    assert header.split()[:3] == ["pipeline", "workers", "batch"]
+    assert [r[:3] for r in rows] == [["torch", "-", "32"], ["torchvision", "0", "32"]]
     [saved] = tmp_path.glob("loaders-*.json")
     doc = json.loads(saved.read_text())
     assert doc.keys() >= {"command", "machine", "versions", "results"}
@@ -73,8 +77,8 @@ def test_epoch_profile_splits_wait_and_compute(capsys):
         f"epoch --device cpu --preset cpu --synthetic --images {2 * batch} --pipelines torch",
     )
     assert status == 0, err
-    row = out.splitlines()[2].split()
-    assert row[:2] == ["cpu", "torch"] and row[4] == str(2 * batch)
+    _, rows = printed_table(out)
+    assert rows[0][:2] == ["cpu", "torch"] and rows[0][4] == str(2 * batch)
     assert "the model waits for data" in out.splitlines()[-1]
 
 
@@ -162,13 +166,14 @@ def test_report_draws_and_tabulates(capsys, tmp_path):
     assert (out / "report.png").read_bytes()[:8] == PNG_MAGIC
     table = (out / "report.md").read_text()
     assert stdout == table
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "run |" not in line]
+    header, rule, *rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert header.split("|")[1].strip() == "run" and set(rule) == {"|", "-"}
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
     assert [c[0] for c in cells] == ["fast", "slow"]
     # run, device, final acc, epochs, train s, wall s, then 80 85 90 92 93 94
     assert cells[0][1:6] == ["Fake GPU", "93.20", "4", "32.0", "42.0"]
     assert cells[0][6:] == ["20.0", "30.0", "30.0", "40.0", "40.0", "-"]
-    assert cells[1][1:6] == ["-", "81.00", "2", "16.0", "60.0"]
+    assert cells[1][1:6] == ["", "81.00", "2", "16.0", "60.0"]  # no summary, no device
     assert cells[1][6:] == ["60.0"] + ["-"] * (len(THRESHOLDS) - 1)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fastmbv1.config import PRESETS
 from fastmbv1.errors import UserError
+from fastmbv1.tables import Column, print_rows
 
 RESULTS_DIR = "bench/results"
 ON_OFF = {"on": True, "off": False}
@@ -29,35 +30,10 @@ DATA_BOUND_SHARE = 0.05
 
 
 @dataclass
-class Column:
-    header: str
-    key: str
-    width: int
-    spec: str = ""  # a number's format (right-aligned); empty for text (left-aligned)
-
-    def cell(self, value) -> str:
-        if value is None:
-            value = "-" if self.spec else ""
-        elif isinstance(value, bool):
-            value = "on" if value else "off"
-        elif self.spec:
-            value = format(value, self.spec)
-        return f"{value:>{self.width}}" if self.spec else f"{value:<{self.width}}"
-
-
-@dataclass
 class Table:
     columns: list[Column]
     rows: Iterable[dict]  # measured lazily: each row prints as soon as it exists
     footer: Callable[[list[dict]], str] | None = None
-
-
-def format_row(columns: list[Column], row: dict) -> str:
-    return "  ".join(c.cell(row.get(c.key)) for c in columns).rstrip()
-
-
-def format_header(columns: list[Column]) -> str:
-    return "  ".join(c.cell(c.header) if not c.spec else f"{c.header:>{c.width}}" for c in columns)
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
@@ -131,7 +107,7 @@ def bench_loaders(args: argparse.Namespace, device) -> Table:
         Column("images", "images", 7, "d"),
         Column("seconds", "seconds", 8, ".2f"),
         Column("images/s", "images_per_s", 10, ",.0f"),
-        Column("note", "note", 0),
+        Column("note", "note"),
     ]
     return Table(columns, rows())
 
@@ -215,7 +191,7 @@ def bench_epoch(args: argparse.Namespace, device) -> Table:
         Column("compute s", "compute_s", 9, ".2f"),
         Column("data", "data_share", 5, ".0%"),
         Column("images/s", "images_per_s", 10, ",.0f"),
-        Column("note", "note", 0),
+        Column("note", "note"),
     ]
     return Table(columns, rows(), verdict)
 
@@ -242,10 +218,7 @@ def bench_budget(args: argparse.Namespace, device) -> Table:
         Column("setup s", "setup_s", 7, ".1f"),
         Column("epochs", "epochs", 6, "d"),
         Column("total s", "epochs_s", 8, ",.0f"),
-        *(
-            Column(f"in {b:g} s", f"epochs_in_{b:g}s", max(8, len(f"in {b:g} s")), "d")
-            for b in budgets
-        ),
+        *(Column(f"in {b:g} s", f"epochs_in_{b:g}s", 8, "d") for b in budgets),
     ]
     return Table(columns, rows())
 
@@ -307,20 +280,17 @@ def run(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     table = BENCHES[args.bench](args, device)
-    if not args.json:
+    if args.json:
+        rows = list(table.rows)
+    else:
         v = versions()
         print(f"{device_name(device)} ({device}); torch {v['torch']}, DALI {v['dali'] or '-'}")
-        print(format_header(table.columns), flush=True)
-    rows = []
-    for row in table.rows:
-        rows.append(row)
-        if not args.json:
-            print(format_row(table.columns, row), flush=True)
+        rows = print_rows(table.columns, table.rows)
+        if table.footer:
+            print(table.footer(rows))
     doc = document(shlex.join(sys.argv), device, rows)
     if args.json:
         print(json.dumps(doc, indent=2))
-    elif table.footer:
-        print(table.footer(rows))
     if args.save:
         path = write_document(doc, result_path(args.results, args.bench, doc["machine"]))
         print(f"saved {path}", file=sys.stderr)

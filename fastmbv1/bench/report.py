@@ -12,8 +12,7 @@ from pathlib import Path
 
 from fastmbv1.errors import UserError
 from fastmbv1.metrics import THRESHOLDS
-
-COLUMNS = ("run", "device", "final acc %", "epochs", "train s", "wall s")
+from fastmbv1.tables import Column, markdown_table
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -51,29 +50,20 @@ def summarize(run: dict) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    def cell(value, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    header = [*COLUMNS, *(f"{t} % at s" for t in THRESHOLDS)]
-    lines = [
-        "Time to accuracy: wall-clock seconds from the start of the run (data loading,",
-        "compile and evaluations included) to its first evaluation at or above the threshold.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
+    columns = [
+        Column("run", "run"),
+        Column("device", "device"),
+        Column("final acc %", "final_acc", spec=".2f"),
+        Column("epochs", "epochs", spec="d"),
+        Column("train s", "train_s", spec=".1f"),
+        Column("wall s", "wall_s", spec=".1f"),
+        *(Column(f"{t} % at s", f"tta_{t}", spec=".1f") for t in THRESHOLDS),
     ]
-    for r in rows:
-        cells = [
-            r["run"],
-            r["device"] or "-",
-            cell(r["final_acc"], ".2f"),
-            str(r["epochs"]),
-            cell(r["train_s"], ".1f"),
-            cell(r["wall_s"], ".1f"),
-            *(cell(r[f"tta_{t}"], ".1f") for t in THRESHOLDS),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return (
+        "Time to accuracy: wall-clock seconds from the start of the run (data loading,\n"
+        "compile and evaluations included) to its first evaluation at or above the threshold.\n"
+        "\n" + markdown_table(columns, rows) + "\n"
+    )
 
 
 def plot(runs: list[dict], path: Path) -> None:
