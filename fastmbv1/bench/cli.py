@@ -1,9 +1,10 @@
-"""``fastmbv1 bench WHAT``: the measurements as a table (or ``--json``), optionally saved.
+"""``fastmbv1 bench WHAT``: the measurements as a table (or ``--json``), saved, drawn.
 
 ``--save`` writes ``<results>/<what>-<machine>.json`` (default ``bench/results/``) holding
 the command, the machine, the versions and the results. It is off by default, so that a
-quick run never replaces a committed result set. The measuring and plotting modules are
-imported only when a subcommand runs.
+quick run never replaces a committed result set. ``--plot FILE`` draws the results (beside
+the JSON too with ``--save``); ``fastmbv1 bench plot`` redraws a saved file. The measuring
+and plotting modules are imported only when a subcommand runs.
 """
 
 from __future__ import annotations
@@ -246,8 +247,11 @@ def document(command: str, device, rows: list[dict]) -> dict:
 
 def write_document(doc: dict, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+    except OSError as e:
+        raise UserError(f"{path}: cannot be written ({e.strerror})") from None
     return path
 
 
@@ -275,6 +279,12 @@ def run(args: argparse.Namespace) -> int:
     check_numbers(args)
     if args.bench == "report":
         return run_report(args)
+    if args.bench == "plot":
+        return run_plot(args)
+    if args.plot:
+        from fastmbv1.bench.plots import check_picture_path
+
+        check_picture_path(args.plot)  # before measuring: a picture must not cost a rerun
     from fastmbv1.evaluate import pick_device
     from fastmbv1.train import device_name, versions
 
@@ -291,15 +301,44 @@ def run(args: argparse.Namespace) -> int:
     doc = document(shlex.join(sys.argv), device, rows)
     if args.json:
         print(json.dumps(doc, indent=2))
+    pictures = [Path(args.plot)] if args.plot else []
     if args.save:
         path = write_document(doc, result_path(args.results, args.bench, doc["machine"]))
+        print(f"saved {path}", file=sys.stderr)
+        if args.plot:  # the picture goes beside the saved file too
+            pictures.append(path.with_suffix(".png"))
+    if pictures:
+        from fastmbv1.bench.plots import PLOTS, save
+
+        fig = PLOTS[args.bench](doc)
+        for picture in pictures:
+            save(fig, picture)
+            print(f"saved {picture}", file=sys.stderr)
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    """Draw saved result files; all are read and drawn before the first picture is written."""
+    from fastmbv1.bench.plots import PLOTS, check_picture_path, read_result, save
+
+    if args.out and len(args.files) > 1:
+        raise UserError("--out names one picture: give it one result file")
+    pictures = []
+    for file in args.files:
+        what, doc = read_result(file)
+        path = check_picture_path(args.out or Path(file).with_suffix(".png"))
+        pictures.append((PLOTS[what](doc), path))
+    for fig, path in pictures:
+        save(fig, path)
         print(f"saved {path}", file=sys.stderr)
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from fastmbv1.bench.plots import agg_canvas
     from fastmbv1.bench.report import launch, markdown, read_run, report
 
+    agg_canvas()  # matplotlib is there, before any training starts
     for run_dir in args.runs:
         read_run(run_dir)  # a wrong folder fails before any training starts
     run_dirs = list(args.runs)
@@ -327,6 +366,11 @@ def measurement_flags(p: argparse.ArgumentParser, data: bool = True) -> None:
         "--save", action="store_true", help="write the results to RESULTS/<what>-<machine>.json"
     )
     p.add_argument("--results", default=RESULTS_DIR, metavar="DIR", help="where --save writes")
+    p.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="draw the results as a chart into FILE (.png, .svg, .pdf; needs matplotlib)",
+    )
     if data:
         p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder")
         p.add_argument(
@@ -406,3 +450,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--data", metavar="PATH", help="CIFAR-10 for launched runs")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="for launched runs")
+
+    p = sub.add_parser("plot", help="draw the chart of saved result files again, without measuring")
+    p.add_argument("files", nargs="+", metavar="RESULT", help="result files (JSON)")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="the picture, for one result file (default: beside each file, as .png)",
+    )

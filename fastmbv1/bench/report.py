@@ -10,6 +10,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from fastmbv1.bench.plots import figure, save
 from fastmbv1.errors import UserError
 from fastmbv1.metrics import THRESHOLDS
 from fastmbv1.tables import Column, markdown_table
@@ -67,14 +68,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("the report needs matplotlib: pip install matplotlib") from None
-    # A bare Figure on the Agg canvas: no pyplot state, no display needed.
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(8, 5)
     ax = fig.add_subplot()
     for run in runs:
         evals = [r for r in run["records"] if r.get("test_acc") is not None]
@@ -90,7 +84,7 @@ def plot(runs: list[dict], path: Path) -> None:
     ax.set_title("CIFAR-10 test accuracy against time")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def report(run_dirs: list[str | Path], out: str | Path) -> list[dict]:
