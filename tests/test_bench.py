@@ -1,6 +1,7 @@
-"""``fastmbv1 bench``: every subcommand on tiny sizes, its pictures, and the report on made-up
-run folders."""
+"""``fastmbv1 bench``: every subcommand on tiny sizes, its pictures, the report on made-up run
+folders, and the help."""
 
+import argparse
 import json
 import shutil
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_batches, write_archive
 
+from fastmbv1.bench.cli import BENCHES, add_arguments
 from fastmbv1.bench.measure import ORIGINAL_T4, epochs_in, original_budget
 from fastmbv1.bench.report import read_run, report
 from fastmbv1.cli import main
@@ -208,6 +210,19 @@ def test_plot_without_matplotlib_is_refused_before_measuring(bench, monkeypatch,
     status, out, err = bench(f"loaders --synthetic --images 64 --plot {tmp_path / 'x.png'}")
     assert status == 2 and out == ""
     assert "need matplotlib" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_flag_says_what_it_does_and_its_default():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert parser.description and set(commands.choices) == {*BENCHES, "report", "plot"}
+    for name, sub in commands.choices.items():
+        assert sub.description, name
+        for action in sub._actions:
+            assert action.help, f"bench {name} {action.option_strings}"
+            if action.default not in (None, False, argparse.SUPPRESS):
+                assert "(default: " in action.help, f"bench {name} {action.option_strings}"
 
 
 def fake_run(folder, accs, wall_step=10.0, summary=True):

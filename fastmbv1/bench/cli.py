@@ -26,6 +26,18 @@ from fastmbv1.tables import Column, print_rows
 
 RESULTS_DIR = "bench/results"
 ON_OFF = {"on": True, "off": False}
+DESCRIPTION = """\
+Measure where training time goes on this machine. Each measuring WHAT prints a
+table, row by row as it measures (--json: JSON instead); --save keeps the
+results in bench/results/, --plot draws them. See bench/results/README.md.
+"""
+EXAMPLES = """\
+examples:
+  fastmbv1 bench loaders --synthetic --images 5000        a quick look, no data set needed
+  fastmbv1 bench step --device cuda --plot step.png       the step on the GPU, as a chart
+  fastmbv1 bench epoch --preset cpu --data PATH --save    keep the result in bench/results/
+  fastmbv1 bench plot bench/results/loaders-*.json        redraw a saved result
+"""
 # Below this share of an epoch spent waiting for batches, data loading no longer limits.
 DATA_BOUND_SHARE = 0.05
 
@@ -360,98 +372,235 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def measurement_flags(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument(
-        "--save", action="store_true", help="write the results to RESULTS/<what>-<machine>.json"
+        "--device",
+        default="auto",
+        choices=("auto", "cuda", "cpu"),
+        help="where to measure; auto takes the GPU when there is one (default: auto)",
     )
-    p.add_argument("--results", default=RESULTS_DIR, metavar="DIR", help="where --save writes")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result document (what --save writes) as JSON instead of the table",
+    )
+    p.add_argument(
+        "--save",
+        action="store_true",
+        help="also write RESULTS/<what>-<machine>.json (and the --plot picture beside it, "
+        "as .png); off by default, so that a quick run replaces no committed result",
+    )
+    p.add_argument(
+        "--results",
+        default=RESULTS_DIR,
+        metavar="DIR",
+        help="where --save writes (default: %(default)s)",
+    )
     p.add_argument(
         "--plot",
         metavar="FILE",
         help="draw the results as a chart into FILE (.png, .svg, .pdf; needs matplotlib)",
     )
     if data:
-        p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder")
+        p.add_argument(
+            "--data",
+            metavar="PATH",
+            help="CIFAR-10 archive or folder (default: $FASTMBV1_DATA, the cache, a download)",
+        )
         p.add_argument(
             "--images",
             type=int,
             metavar="N",
-            help="use only the first N images of each split (quick runs)",
+            help="use only the first N images of each split, for quick runs (default: all)",
         )
         p.add_argument(
             "--synthetic",
             action="store_true",
-            help="random images of CIFAR-10's shape instead of the data set",
+            help="random images of CIFAR-10's shape instead of the data set (no download)",
         )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommands, on the ``fastmbv1 bench`` parser."""
+    parser.description = DESCRIPTION
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(
         dest="bench", required=True, metavar="WHAT", parser_class=type(parser)
     )
-    pipelines_help = "default: every pipeline, and torchvision with one worker per core"
+    pipelines_help = (
+        "pipelines to measure, with integer options (default: every pipeline, and "
+        "torchvision with one worker per core)"
+    )
 
-    p = sub.add_parser("loaders", help="images/s each data pipeline delivers, full epochs")
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description)
+
+    p = command(
+        "loaders",
+        "images/s each data pipeline delivers, full epochs",
+        "Time full training epochs of each data pipeline alone (no model) at each batch "
+        "size. Every batch is consumed on the device, so lazy and asynchronous pipelines "
+        "are timed for the work they really do.",
+    )
     measurement_flags(p)
     p.add_argument("--pipelines", nargs="+", metavar="NAME[:key=int,...]", help=pipelines_help)
     p.add_argument(
-        "--batch-sizes", nargs="+", type=int, metavar="B", help="default: the presets' batch sizes"
+        "--batch-sizes",
+        nargs="+",
+        type=int,
+        metavar="B",
+        help="batch sizes to measure (default: the presets' batch sizes)",
     )
-    p.add_argument("--epochs", type=int, default=1, help="epochs per measurement")
+    p.add_argument(
+        "--epochs", type=int, default=1, metavar="N", help="epochs per measurement (default: 1)"
+    )
 
-    p = sub.add_parser("step", help="images/s of the training step alone, data on the device")
+    p = command(
+        "step",
+        "images/s of the training step alone, data on the device",
+        "Time the training step alone (forward, backward, optimiser step) on one batch "
+        "already on the device, for every combination of the models, widths, channels_last, "
+        "AMP and compile settings given.",
+    )
     measurement_flags(p, data=False)
-    p.add_argument("--models", nargs="+", metavar="NAME", help="default: every registered model")
-    p.add_argument("--widths", nargs="+", type=float, default=[1.0, 0.5])
-    p.add_argument("--channels-last", nargs="+", choices=ON_OFF, default=["on", "off"])
-    p.add_argument("--amp", nargs="+", choices=("off", "bf16", "fp16"), default=["off", "bf16"])
+    p.add_argument(
+        "--models",
+        nargs="+",
+        metavar="NAME",
+        help="models to time (default: every registered model)",
+    )
+    p.add_argument(
+        "--widths",
+        nargs="+",
+        type=float,
+        default=[1.0, 0.5],
+        metavar="W",
+        help="width multipliers (default: 1.0 0.5)",
+    )
+    p.add_argument(
+        "--channels-last",
+        nargs="+",
+        choices=ON_OFF,
+        default=["on", "off"],
+        help="channels_last memory format on, off or both (default: on off)",
+    )
+    p.add_argument(
+        "--amp",
+        nargs="+",
+        choices=("off", "bf16", "fp16"),
+        default=["off", "bf16"],
+        help="autocast dtypes (default: off bf16)",
+    )
     p.add_argument(
         "--compile",
         nargs="+",
         choices=ON_OFF,
-        help="default: off on (off only on the CPU, where compiling takes minutes)",
+        help="torch.compile on, off or both (default: off on; only off on the CPU, where "
+        "compiling takes minutes)",
     )
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    p.add_argument(
+        "--batch-size", type=int, default=512, metavar="B", help="images per step (default: 512)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=20, metavar="N", help="timed steps per setting (default: 20)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        metavar="N",
+        help="untimed steps after the first, before timing (default: 3)",
+    )
 
-    p = sub.add_parser("epoch", help="one epoch per pipeline split into data wait and compute")
+    p = command(
+        "epoch",
+        "one epoch per pipeline split into data wait and compute",
+        "Train one real epoch of a preset with each pipeline and split its time into "
+        "waiting for the next batch and computing on it: does the model wait for data?",
+    )
     measurement_flags(p)
     p.add_argument(
         "--preset",
         default="fast",
         choices=list(PRESETS),
-        help="model and recipe, as fastmbv1 train runs it here",
+        help="model and recipe, as fastmbv1 train runs it on this device (default: fast)",
     )
     p.add_argument("--pipelines", nargs="+", metavar="NAME[:num_workers=N]", help=pipelines_help)
 
-    p = sub.add_parser("budget", help="epochs of each preset that fit into a time budget")
+    p = command(
+        "budget",
+        "epochs of each preset that fit into a time budget",
+        "Time one epoch and one evaluation of each preset (scaled to the full 50,000 / "
+        "10,000 images when --images is given) and count the epochs that fit into each "
+        "budget; the original project's Tesla T4 runs follow in the same terms.",
+    )
     measurement_flags(p)
-    p.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS))
-    p.add_argument("--budget", nargs="+", type=float, default=[3600.0], metavar="S")
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        choices=list(PRESETS),
+        default=list(PRESETS),
+        metavar="PRESET",
+        help=f"presets to time: {', '.join(PRESETS)} (default: all)",
+    )
+    p.add_argument(
+        "--budget",
+        nargs="+",
+        type=float,
+        default=[3600.0],
+        metavar="S",
+        help="budgets in seconds (default: 3600)",
+    )
 
-    p = sub.add_parser("report", help="plot and tabulate test accuracy against wall-clock time")
+    p = command(
+        "report",
+        "plot and tabulate test accuracy against wall-clock time",
+        "Draw test accuracy against wall-clock seconds for fastmbv1 train run folders "
+        "(finished or still running) into report.png, and write their time to each accuracy "
+        "into report.md (also printed). --launch trains one run per preset first.",
+    )
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="folders of fastmbv1 train runs")
     p.add_argument(
-        "--out", default=RESULTS_DIR, metavar="DIR", help="where report.png and report.md go"
+        "--out",
+        default=RESULTS_DIR,
+        metavar="DIR",
+        help="where report.png and report.md go (default: %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--launch", action="store_true", help="first train one run per --presets")
-    p.add_argument("--presets", nargs="+", choices=list(PRESETS), default=["fast"])
-    p.add_argument("--budget", type=float, metavar="S", help="budget of launched runs")
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        choices=list(PRESETS),
+        default=["fast"],
+        metavar="PRESET",
+        help=f"presets --launch trains: {', '.join(PRESETS)} (default: fast)",
+    )
+    p.add_argument(
+        "--budget", type=float, metavar="S", help="budget of launched runs (default: the preset's)"
+    )
     p.add_argument("--config", metavar="FILE", help="TOML applied on top of each launched preset")
     p.add_argument(
         "--runs-dir",
         default="runs",
         metavar="DIR",
-        help="launched runs go to DIR/<preset>-<budget>s",
+        help="launched runs go to DIR/<preset>-<budget>s (default: %(default)s)",
     )
-    p.add_argument("--data", metavar="PATH", help="CIFAR-10 for launched runs")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="for launched runs")
+    p.add_argument(
+        "--data", metavar="PATH", help="CIFAR-10 for launched runs (default: as train finds it)"
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        help="device of launched runs (default: auto)",
+    )
 
-    p = sub.add_parser("plot", help="draw the chart of saved result files again, without measuring")
+    p = command(
+        "plot",
+        "draw the chart of saved result files again, without measuring",
+        "Draw each result file written by --save (or --json) as --plot would have drawn "
+        "it when it was measured.",
+    )
     p.add_argument("files", nargs="+", metavar="RESULT", help="result files (JSON)")
     p.add_argument(
         "--out",
