@@ -18,6 +18,7 @@ from fastmbv1.checkpoint import model_from_record, read_checkpoint, save_model
 from fastmbv1.errors import UserError
 from fastmbv1.machine import pick_device
 from fastmbv1.models import build_model
+from fastmbv1.tables import Column, render_table
 
 IMAGE_SHAPE = (3, 32, 32)
 # fvcore's count for a BatchNorm in training mode: mean, variance, normalise, scale, shift.
@@ -110,18 +111,17 @@ def describe(
 
 def format_report(r: dict) -> str:
     args = ", ".join(f"{k}={v}" for k, v in r["kwargs"].items())
-    return "\n".join(
-        [
-            f"model           {r['model']}({args})",
-            f"parameters      {r['params']:,}",
-            f"MACs / image    {r['macs'] / 1e6:.2f} M conv+linear "
-            f"({r['macs_with_bn'] / 1e6:.2f} M with 5 ops per BN element, as the original's "
-            "figures count)",
-            f"size on disk    {r['size_bytes'] / 2**20:.2f} MiB ({r['size_bytes']:,} bytes)",
-            f"latency         {r['latency_ms']:.2f} ms (batch 1, median, {r['device']})",
-            f"throughput      {r['images_per_s']:,.0f} images/s (batch {r['batch_size']})",
-        ]
-    )
+    lines = {
+        "model": f"{r['model']}({args})",
+        "parameters": f"{r['params']:,}",
+        "MACs / image": f"{r['macs'] / 1e6:.2f} M conv+linear ({r['macs_with_bn'] / 1e6:.2f} M "
+        "with 5 ops per BN element, as the original's figures count)",
+        "size on disk": f"{r['size_bytes'] / 2**20:.2f} MiB ({r['size_bytes']:,} bytes)",
+        "latency": f"{r['latency_ms']:.2f} ms (batch 1, median, {r['device']})",
+        "throughput": f"{r['images_per_s']:,.0f} images/s (batch {r['batch_size']})",
+    }
+    rows = [{"what": what, "value": value} for what, value in lines.items()]
+    return render_table([Column("", "what"), Column("", "value")], rows, header=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from fastmbv1.info import IMAGE_SHAPE, batch_seconds, model_cost
 from fastmbv1.machine import pick_device
 from fastmbv1.metrics import write_json
 from fastmbv1.models import build_model
+from fastmbv1.tables import Column, render_table
 
 # --target-macs prunes in steps of MAX_RATIO / TARGET_STEPS of every layer's channels until
 # the MACs fit, so it overshoots the target by at most one step (about 2.5 % of channels).
@@ -132,20 +133,32 @@ def measure(model: nn.Module, batches, device: torch.device) -> dict[str, Any]:
 
 
 def format_table(before: dict, after: dict, pruned_acc: float) -> str:
-    rows = [
-        ("test accuracy %", "{:.2f}", "test_acc"),
-        ("parameters", "{:,}", "params"),
-        ("MACs / image", "{:,}", "macs"),
-        ("latency ms (batch 1)", "{:.3f}", "latency_ms"),
+    """Before against after fine-tuning, one measure a row (each with its own number format)."""
+    measures = [
+        ("test accuracy %", ".2f", "test_acc"),
+        ("parameters", ",", "params"),
+        ("MACs / image", ",", "macs"),
+        ("latency ms (batch 1)", ".3f", "latency_ms"),
     ]
-    lines = [f"{'':22}{'before':>14}{'after':>14}{'after/before':>14}"]
-    for label, fmt, key in rows:
-        ratio = after[key] / before[key] if before[key] else float("nan")
-        lines.append(
-            f"{label:22}{fmt.format(before[key]):>14}{fmt.format(after[key]):>14}{ratio:>14.3f}"
-        )
-    lines.append(f"accuracy right after pruning, before fine-tuning: {pruned_acc:.2f} %")
-    return "\n".join(lines)
+    rows = [
+        {
+            "measure": label,
+            "before": format(before[key], spec),
+            "after": format(after[key], spec),
+            "ratio": after[key] / before[key] if before[key] else float("nan"),
+        }
+        for label, spec, key in measures
+    ]
+    columns = [
+        Column("", "measure"),
+        Column("before", "before", justify="right"),
+        Column("after", "after", justify="right"),
+        Column("after/before", "ratio", spec=".3f"),
+    ]
+    return (
+        render_table(columns, rows)
+        + f"\naccuracy right after pruning, before fine-tuning: {pruned_acc:.2f} %"
+    )
 
 
 def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:

@@ -1,10 +1,16 @@
-"""``fastmbv1 bench``: every subcommand on tiny sizes, and the report on made-up run folders."""
+"""``fastmbv1 bench``: every subcommand on tiny sizes, its pictures, the report on made-up run
+folders, and the help."""
 
+import argparse
 import json
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import tiny_batches, write_archive
 
+from fastmbv1.bench.cli import BENCHES, add_arguments
 from fastmbv1.bench.measure import ORIGINAL_T4, epochs_in, original_budget
 from fastmbv1.bench.report import read_run, report
 from fastmbv1.cli import main
@@ -12,83 +18,121 @@ from fastmbv1.config import make_config
 from fastmbv1.metrics import THRESHOLDS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
-def bench(capsys, command: str) -> tuple[int, str, str]:
-    """Run ``fastmbv1 bench COMMAND`` (split on spaces: the paths here have none)."""
-    status = main(["bench", *command.split()])
-    out, err = capsys.readouterr()
-    return status, out, err
+@pytest.fixture
+def bench(capsys, monkeypatch):
+    """Run ``fastmbv1 bench COMMAND`` (split on spaces: the paths here have none) as a shell
+    would, so that a saved file records it as its command; (status, stdout, stderr)."""
+
+    def run(command: str) -> tuple[int, str, str]:
+        argv = ["bench", *command.split()]
+        monkeypatch.setattr(sys, "argv", ["fastmbv1", *argv])
+        status = main(argv)
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
 
 
-def bench_json(capsys, command: str) -> dict:
-    status, out, err = bench(capsys, command + " --json")
-    assert status == 0, err
-    return json.loads(out)
+@pytest.fixture
+def bench_json(bench):
+    def run(command: str) -> dict:
+        status, out, err = bench(command + " --json")
+        assert status == 0, err
+        return json.loads(out)
+
+    return run
 
 
-def test_loaders_table_and_saved_file(capsys, tmp_path):
+def printed_table(out: str) -> tuple[str, list[list[str]]]:
+    """The header line and the cells of each line below the dashed rule that a table prints."""
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line and set(line) == {"-"})
+    return lines[rule - 1], [line.split() for line in lines[rule + 1 :]]
+
+
+def is_png(path) -> bool:
+    return path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_loaders_table_saved_file_and_plots(bench, tmp_path):
     status, out, err = bench(
-        capsys,
         "loaders --device cpu --synthetic --images 64 --batch-sizes 32 "
-        f"--pipelines torch torchvision:num_workers=0 --save --results {tmp_path}",
+        f"--pipelines torch torchvision:num_workers=0 --save --results {tmp_path} "
+        f"--plot {tmp_path / 'loaders.png'}"
     )
     assert status == 0, err
-    lines = out.splitlines()
-    assert lines[1].split()[:3] == ["pipeline", "workers", "batch"]
-    assert [line.split()[:3] for line in lines[2:]] == [
-        ["torch", "-", "32"],
-        ["torchvision", "0", "32"],
-    ]
+    header, rows = printed_table(out)
+    assert header.split()[:3] == ["pipeline", "workers", "batch"]
+    assert [r[:3] for r in rows] == [["torch", "-", "32"], ["torchvision", "0", "32"]]
     [saved] = tmp_path.glob("loaders-*.json")
     doc = json.loads(saved.read_text())
     assert doc.keys() >= {"command", "machine", "versions", "results"}
     assert [r["images"] for r in doc["results"]] == [64, 64]
     assert all(r["images_per_s"] > 0 for r in doc["results"])
+    # --plot FILE, and with --save the same picture beside the JSON.
+    assert is_png(tmp_path / "loaders.png") and is_png(saved.with_suffix(".png"))
+    saved.with_suffix(".png").unlink()
+    # The saved file is drawn again without measuring: beside itself, or where --out says.
+    assert bench(f"plot {saved}")[0] == 0 and is_png(saved.with_suffix(".png"))
+    assert bench(f"plot {saved} --out {tmp_path / 'again.svg'}")[0] == 0
+    assert (tmp_path / "again.svg").read_text().startswith("<?xml")
 
 
-def test_loaders_read_the_data_set(capsys, tiny_archive):
+def test_loaders_read_the_data_set(bench_json, tiny_archive):
     doc = bench_json(
-        capsys, f"loaders --device cpu --data {tiny_archive} --batch-sizes 8 --pipelines torch"
+        f"loaders --device cpu --data {tiny_archive} --batch-sizes 8 --pipelines torch"
     )
     [row] = doc["results"]
     assert row["images"] == 40 and row["device"] == "cpu"  # 5 batch files of 8
 
 
-def test_step_grid(capsys):
+def test_step_grid(bench_json, tmp_path):
     doc = bench_json(
-        capsys,
         "step --device cpu --models mobilenet_v1 --widths 0.25 --channels-last on off "
-        "--amp off --batch-size 8 --steps 1 --warmup 0",
+        f"--amp off --batch-size 8 --steps 1 --warmup 0 --plot {tmp_path / 'step.png'}"
     )
     rows = doc["results"]
     assert [r["channels_last"] for r in rows] == [True, False]
     assert all(r["images_per_s"] > 0 and r["compile_s"] is None for r in rows)
+    assert is_png(tmp_path / "step.png")
 
 
-def test_epoch_profile_splits_wait_and_compute(capsys):
+def test_epoch_profile_splits_wait_and_compute(bench, tmp_path):
     batch = make_config({"preset": "cpu"}).batch_size
     status, out, err = bench(
-        capsys,
-        f"epoch --device cpu --preset cpu --synthetic --images {2 * batch} --pipelines torch",
+        f"epoch --device cpu --preset cpu --synthetic --images {2 * batch} --pipelines torch "
+        f"--plot {tmp_path / 'epoch.png'}"
     )
     assert status == 0, err
-    row = out.splitlines()[2].split()
-    assert row[:2] == ["cpu", "torch"] and row[4] == str(2 * batch)
+    _, rows = printed_table(out)
+    assert rows[0][:2] == ["cpu", "torch"] and rows[0][4] == str(2 * batch)
     assert "the model waits for data" in out.splitlines()[-1]
+    assert is_png(tmp_path / "epoch.png")
 
 
-def test_budget_projects_and_shows_the_original(capsys):
+def test_budget_projects_and_shows_the_original(bench_json, tmp_path):
     batch = make_config({"preset": "cpu"}).batch_size
     doc = bench_json(
-        capsys,
-        f"budget --device cpu --presets cpu --synthetic --images {batch} --budget 3600 60",
+        f"budget --device cpu --presets cpu --synthetic --images {batch} --budget 3600 60 "
+        f"--plot {tmp_path / 'budget.png'}"
     )
     preset, *originals = doc["results"]
     assert preset["run"] == "cpu" and preset["images_measured"] == batch
     # One batch measured, scaled to a full epoch of 50,000 images.
     assert preset["epoch_s"] > 0 and preset["epochs_in_3600s"] >= preset["epochs_in_60s"]
     assert [r["run"] for r in originals] == [r["run"] for r in ORIGINAL_T4]
+    assert is_png(tmp_path / "budget.png")
+
+
+@pytest.mark.parametrize("what", ["loaders", "step", "epoch", "budget"])
+def test_plot_redraws_the_committed_results(bench, tmp_path, what):
+    [saved] = RESULTS.glob(f"{what}-*.json")
+    status, _, err = bench(f"plot {saved} --out {tmp_path / 'redrawn.png'}")
+    assert status == 0, err
+    assert is_png(tmp_path / "redrawn.png")
 
 
 def test_original_figures():
@@ -109,10 +153,76 @@ def test_original_figures():
         ("report", "name run folders"),
     ],
 )
-def test_bad_input_is_one_line_and_status_2(capsys, command, message):
-    status, _, err = bench(capsys, command)
+def test_bad_input_is_one_line_and_status_2(bench, command, message):
+    status, _, err = bench(command)
     assert status == 2
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    """Files that ``bench plot`` must refuse, by name."""
+    files = {
+        "not-json.json": "loaders, images/s\n",
+        "a-list.json": "[1, 2]",
+        "report.json": json.dumps({"command": "fastmbv1 bench report runs/x", "machine": "m",
+                                   "device": "cpu", "results": []}),
+        "nothing-measured.json": json.dumps(
+            {"command": "fastmbv1 bench loaders --pipelines dali", "machine": "m",
+             "device": "cpu", "results": [{"pipeline": "dali", "note": "skipped: no GPU"}]}
+        ),
+    }  # fmt: skip
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "a-file").write_text("")
+    shutil.copy(next(RESULTS.glob("step-*.json")), tmp_path / "step.json")  # a good one
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        ("loaders --synthetic --plot {dir}/missing/x.png", "there is no folder"),
+        ("loaders --synthetic --plot {dir}/a-file/x.png", "there is no folder"),
+        ("loaders --synthetic --plot {dir}/x.txt", "name a picture file"),
+        ("step --device cpu --plot {dir}", "name a picture file"),
+        ("plot {dir}/missing.json", "unreadable (No such file or directory)"),
+        ("plot {dir}/not-json.json", "unreadable"),
+        ("plot {dir}/a-list.json", "not a fastmbv1 bench result file"),
+        ("plot {dir}/report.json", "its command is none of fastmbv1 bench loaders"),
+        ("plot {dir}/nothing-measured.json", "no measured results to draw"),
+        ("plot {dir}/report.json {dir}/a-list.json --out {dir}/x.png", "--out names one"),
+        ("plot {dir}/step.json --out {dir}/missing/x.png", "there is no folder"),
+        # A good file first: it is not drawn either, as the second is refused.
+        ("plot {dir}/step.json {dir}/nothing-measured.json", "no measured results"),
+    ],
+)
+def test_bad_plot_input_is_one_line_and_status_2(bench, bad_files, command, message):
+    status, out, err = bench(command.format(dir=bad_files))
+    assert status == 2 and out == ""  # refused before measuring anything
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not list(bad_files.glob("**/*.png"))
+
+
+def test_plot_without_matplotlib_is_refused_before_measuring(bench, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... fails
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    status, out, err = bench(f"loaders --synthetic --images 64 --plot {tmp_path / 'x.png'}")
+    assert status == 2 and out == ""
+    assert "need matplotlib" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_flag_says_what_it_does_and_its_default():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert parser.description and set(commands.choices) == {*BENCHES, "report", "plot"}
+    for name, sub in commands.choices.items():
+        assert sub.description, name
+        for action in sub._actions:
+            assert action.help, f"bench {name} {action.option_strings}"
+            if action.default not in (None, False, argparse.SUPPRESS):
+                assert "(default: " in action.help, f"bench {name} {action.option_strings}"
 
 
 def fake_run(folder, accs, wall_step=10.0, summary=True):
@@ -153,41 +263,41 @@ def fake_run(folder, accs, wall_step=10.0, summary=True):
     return folder
 
 
-def test_report_draws_and_tabulates(capsys, tmp_path):
+def test_report_draws_and_tabulates(bench, tmp_path):
     fast = fake_run(tmp_path / "runs" / "fast", [70.0, 84.0, 90.5, 93.2])
     slow = fake_run(tmp_path / "runs" / "slow", [50.0, 81.0], wall_step=30.0, summary=False)
     out = tmp_path / "report"
-    status, stdout, err = bench(capsys, f"report {fast} {slow} --out {out}")
+    status, stdout, err = bench(f"report {fast} {slow} --out {out}")
     assert status == 0, err
     assert (out / "report.png").read_bytes()[:8] == PNG_MAGIC
     table = (out / "report.md").read_text()
     assert stdout == table
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "run |" not in line]
+    header, rule, *rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert header.split("|")[1].strip() == "run" and set(rule) == {"|", "-"}
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
     assert [c[0] for c in cells] == ["fast", "slow"]
     # run, device, final acc, epochs, train s, wall s, then 80 85 90 92 93 94
     assert cells[0][1:6] == ["Fake GPU", "93.20", "4", "32.0", "42.0"]
     assert cells[0][6:] == ["20.0", "30.0", "30.0", "40.0", "40.0", "-"]
-    assert cells[1][1:6] == ["-", "81.00", "2", "16.0", "60.0"]
+    assert cells[1][1:6] == ["", "81.00", "2", "16.0", "60.0"]  # no summary, no device
     assert cells[1][6:] == ["60.0"] + ["-"] * (len(THRESHOLDS) - 1)
 
 
-def test_report_refuses_a_folder_without_metrics(capsys, tmp_path):
+def test_report_refuses_a_folder_without_metrics(bench, tmp_path):
     good = fake_run(tmp_path / "good", [80.0])
     (tmp_path / "empty").mkdir()
-    status, _, err = bench(capsys, f"report {good} {tmp_path / 'empty'} --out {tmp_path / 'out'}")
+    status, _, err = bench(f"report {good} {tmp_path / 'empty'} --out {tmp_path / 'out'}")
     assert status == 2 and "no metrics.jsonl" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
-def test_report_launches_runs(capsys, tmp_path):
+def test_report_launches_runs(bench, tmp_path):
     data = write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
     config = tmp_path / "tiny.toml"
     config.write_text(
         'width = 0.25\nbatch_size = 50\neval_batch_size = 100\nepochs = 1\npipeline = "torch"\n'
     )
     status, _, err = bench(
-        capsys,
         f"report --launch --presets cpu --budget 60 --config {config} --data {data} "
         f"--device cpu --runs-dir {tmp_path / 'runs'} --out {tmp_path / 'out'}",
     )

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -50,3 +51,19 @@ def test_bad_input_is_a_one_line_error(argv, message, capsys):
     assert main(["info", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_printed_report_is_one_measure_a_line(capsys):
+    argv = ["info", "--model", "mobilenet_v1", "--device", "cpu", "--repeats", "1"]
+    assert main([*argv, "--batch-size", "2"]) == 0
+    lines = [re.split(r"\s{2,}", line, maxsplit=1) for line in capsys.readouterr().out.splitlines()]
+    assert [label for label, _ in lines] == [
+        "model",
+        "parameters",
+        "MACs / image",
+        "size on disk",
+        "latency",
+        "throughput",
+    ]
+    assert dict(lines)["parameters"] == f"{PARAMS['mobilenet_v1']:,}"
+    assert dict(lines)["MACs / image"].startswith(f"{CONV_LINEAR_MACS['mobilenet_v1'] / 1e6:.2f} M")

@@ -109,3 +109,17 @@ def test_ratio_and_target_together_are_refused(tiny_checkpoint, capsys):
         main(argv)
     assert e.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_before_after_table():
+    before = {"test_acc": 83.2, "params": 215_642, "macs": 3_326_592, "latency_ms": 1.5}
+    after = {"test_acc": 80.0, "params": 60_010, "macs": 881_000, "latency_ms": 0.75}
+    assert prune.format_table(before, after, pruned_acc=12.5).splitlines() == [
+        "                         before    after  after/before",
+        "-" * 54,
+        "test accuracy %           83.20    80.00         0.962",
+        "parameters              215,642   60,010         0.278",
+        "MACs / image          3,326,592  881,000         0.265",
+        "latency ms (batch 1)      1.500    0.750         0.500",
+        "accuracy right after pruning, before fine-tuning: 12.50 %",
+    ]

@@ -1,9 +1,10 @@
-"""``fastmbv1 bench WHAT``: the measurements as a table (or ``--json``), optionally saved.
+"""``fastmbv1 bench WHAT``: the measurements as a table (or ``--json``), saved, drawn.
 
 ``--save`` writes ``<results>/<what>-<machine>.json`` (default ``bench/results/``) holding
 the command, the machine, the versions and the results. It is off by default, so that a
-quick run never replaces a committed result set. The measuring and plotting modules are
-imported only when a subcommand runs.
+quick run never replaces a committed result set. ``--plot FILE`` draws the results (beside
+the JSON too with ``--save``); ``fastmbv1 bench plot`` redraws a saved file. The measuring
+and plotting modules are imported only when a subcommand runs.
 """
 
 from __future__ import annotations
@@ -21,28 +22,24 @@ from pathlib import Path
 
 from fastmbv1.config import PRESETS
 from fastmbv1.errors import UserError
+from fastmbv1.tables import Column, print_rows
 
 RESULTS_DIR = "bench/results"
 ON_OFF = {"on": True, "off": False}
+DESCRIPTION = """\
+Measure where training time goes on this machine. Each measuring WHAT prints a
+table, row by row as it measures (--json: JSON instead); --save keeps the
+results in bench/results/, --plot draws them. See bench/results/README.md.
+"""
+EXAMPLES = """\
+examples:
+  fastmbv1 bench loaders --synthetic --images 5000        a quick look, no data set needed
+  fastmbv1 bench step --device cuda --plot step.png       the step on the GPU, as a chart
+  fastmbv1 bench epoch --preset cpu --data PATH --save    keep the result in bench/results/
+  fastmbv1 bench plot bench/results/loaders-*.json        redraw a saved result
+"""
 # Below this share of an epoch spent waiting for batches, data loading no longer limits.
 DATA_BOUND_SHARE = 0.05
-
-
-@dataclass
-class Column:
-    header: str
-    key: str
-    width: int
-    spec: str = ""  # a number's format (right-aligned); empty for text (left-aligned)
-
-    def cell(self, value) -> str:
-        if value is None:
-            value = "-" if self.spec else ""
-        elif isinstance(value, bool):
-            value = "on" if value else "off"
-        elif self.spec:
-            value = format(value, self.spec)
-        return f"{value:>{self.width}}" if self.spec else f"{value:<{self.width}}"
 
 
 @dataclass
@@ -50,14 +47,6 @@ class Table:
     columns: list[Column]
     rows: Iterable[dict]  # measured lazily: each row prints as soon as it exists
     footer: Callable[[list[dict]], str] | None = None
-
-
-def format_row(columns: list[Column], row: dict) -> str:
-    return "  ".join(c.cell(row.get(c.key)) for c in columns).rstrip()
-
-
-def format_header(columns: list[Column]) -> str:
-    return "  ".join(c.cell(c.header) if not c.spec else f"{c.header:>{c.width}}" for c in columns)
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
@@ -130,7 +119,7 @@ def bench_loaders(args: argparse.Namespace, device) -> Table:
         Column("images", "images", 7, "d"),
         Column("seconds", "seconds", 8, ".2f"),
         Column("images/s", "images_per_s", 10, ",.0f"),
-        Column("note", "note", 0),
+        Column("note", "note"),
     ]
     return Table(columns, rows())
 
@@ -214,7 +203,7 @@ def bench_epoch(args: argparse.Namespace, device) -> Table:
         Column("compute s", "compute_s", 9, ".2f"),
         Column("data", "data_share", 5, ".0%"),
         Column("images/s", "images_per_s", 10, ",.0f"),
-        Column("note", "note", 0),
+        Column("note", "note"),
     ]
     return Table(columns, rows(), verdict)
 
@@ -241,10 +230,7 @@ def bench_budget(args: argparse.Namespace, device) -> Table:
         Column("setup s", "setup_s", 7, ".1f"),
         Column("epochs", "epochs", 6, "d"),
         Column("total s", "epochs_s", 8, ",.0f"),
-        *(
-            Column(f"in {b:g} s", f"epochs_in_{b:g}s", max(8, len(f"in {b:g} s")), "d")
-            for b in budgets
-        ),
+        *(Column(f"in {b:g} s", f"epochs_in_{b:g}s", 8, "d") for b in budgets),
     ]
     return Table(columns, rows())
 
@@ -272,8 +258,11 @@ def document(command: str, device, rows: list[dict]) -> dict:
 
 def write_document(doc: dict, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+    except OSError as e:
+        raise UserError(f"{path}: cannot be written ({e.strerror})") from None
     return path
 
 
@@ -301,33 +290,65 @@ def run(args: argparse.Namespace) -> int:
     check_numbers(args)
     if args.bench == "report":
         return run_report(args)
+    if args.bench == "plot":
+        return run_plot(args)
+    if args.plot:
+        from fastmbv1.bench.plots import check_picture_path
+
+        check_picture_path(args.plot)  # before measuring: a picture must not cost a rerun
     from fastmbv1.machine import device_name, pick_device, versions
 
     device = pick_device(args.device)
     table = BENCHES[args.bench](args, device)
-    if not args.json:
+    if args.json:
+        rows = list(table.rows)
+    else:
         v = versions()
         print(f"{device_name(device)} ({device}); torch {v['torch']}, DALI {v['dali'] or '-'}")
-        print(format_header(table.columns), flush=True)
-    rows = []
-    for row in table.rows:
-        rows.append(row)
-        if not args.json:
-            print(format_row(table.columns, row), flush=True)
+        rows = print_rows(table.columns, table.rows)
+        if table.footer:
+            print(table.footer(rows))
     doc = document(shlex.join(sys.argv), device, rows)
     if args.json:
         print(json.dumps(doc, indent=2))
-    elif table.footer:
-        print(table.footer(rows))
+    pictures = [Path(args.plot)] if args.plot else []
     if args.save:
         path = write_document(doc, result_path(args.results, args.bench, doc["machine"]))
+        print(f"saved {path}", file=sys.stderr)
+        if args.plot:  # the picture goes beside the saved file too
+            pictures.append(path.with_suffix(".png"))
+    if pictures:
+        from fastmbv1.bench.plots import PLOTS, save
+
+        fig = PLOTS[args.bench](doc)
+        for picture in pictures:
+            save(fig, picture)
+            print(f"saved {picture}", file=sys.stderr)
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    """Draw saved result files; all are read and drawn before the first picture is written."""
+    from fastmbv1.bench.plots import PLOTS, check_picture_path, read_result, save
+
+    if args.out and len(args.files) > 1:
+        raise UserError("--out names one picture: give it one result file")
+    pictures = []
+    for file in args.files:
+        what, doc = read_result(file)
+        path = check_picture_path(args.out or Path(file).with_suffix(".png"))
+        pictures.append((PLOTS[what](doc), path))
+    for fig, path in pictures:
+        save(fig, path)
         print(f"saved {path}", file=sys.stderr)
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from fastmbv1.bench.plots import agg_canvas
     from fastmbv1.bench.report import launch, markdown, read_run, report
 
+    agg_canvas()  # matplotlib is there, before any training starts
     for run_dir in args.runs:
         read_run(run_dir)  # a wrong folder fails before any training starts
     run_dirs = list(args.runs)
@@ -349,88 +370,239 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def measurement_flags(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument(
-        "--save", action="store_true", help="write the results to RESULTS/<what>-<machine>.json"
+        "--device",
+        default="auto",
+        choices=("auto", "cuda", "cpu"),
+        help="where to measure; auto takes the GPU when there is one (default: auto)",
     )
-    p.add_argument("--results", default=RESULTS_DIR, metavar="DIR", help="where --save writes")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result document (what --save writes) as JSON instead of the table",
+    )
+    p.add_argument(
+        "--save",
+        action="store_true",
+        help="also write RESULTS/<what>-<machine>.json (and the --plot picture beside it, "
+        "as .png); off by default, so that a quick run replaces no committed result",
+    )
+    p.add_argument(
+        "--results",
+        default=RESULTS_DIR,
+        metavar="DIR",
+        help="where --save writes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="draw the results as a chart into FILE (.png, .svg, .pdf; needs matplotlib)",
+    )
     if data:
-        p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder")
+        p.add_argument(
+            "--data",
+            metavar="PATH",
+            help="CIFAR-10 archive or folder (default: $FASTMBV1_DATA, the cache, a download)",
+        )
         p.add_argument(
             "--images",
             type=int,
             metavar="N",
-            help="use only the first N images of each split (quick runs)",
+            help="use only the first N images of each split, for quick runs (default: all)",
         )
         p.add_argument(
             "--synthetic",
             action="store_true",
-            help="random images of CIFAR-10's shape instead of the data set",
+            help="random images of CIFAR-10's shape instead of the data set (no download)",
         )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommands, on the ``fastmbv1 bench`` parser."""
+    parser.description = DESCRIPTION
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(
         dest="bench", required=True, metavar="WHAT", parser_class=type(parser)
     )
-    pipelines_help = "default: every pipeline, and torchvision with one worker per core"
+    pipelines_help = (
+        "pipelines to measure, with integer options (default: every pipeline, and "
+        "torchvision with one worker per core)"
+    )
 
-    p = sub.add_parser("loaders", help="images/s each data pipeline delivers, full epochs")
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description)
+
+    p = command(
+        "loaders",
+        "images/s each data pipeline delivers, full epochs",
+        "Time full training epochs of each data pipeline alone (no model) at each batch "
+        "size. Every batch is consumed on the device, so lazy and asynchronous pipelines "
+        "are timed for the work they really do.",
+    )
     measurement_flags(p)
     p.add_argument("--pipelines", nargs="+", metavar="NAME[:key=int,...]", help=pipelines_help)
     p.add_argument(
-        "--batch-sizes", nargs="+", type=int, metavar="B", help="default: the presets' batch sizes"
+        "--batch-sizes",
+        nargs="+",
+        type=int,
+        metavar="B",
+        help="batch sizes to measure (default: the presets' batch sizes)",
     )
-    p.add_argument("--epochs", type=int, default=1, help="epochs per measurement")
+    p.add_argument(
+        "--epochs", type=int, default=1, metavar="N", help="epochs per measurement (default: 1)"
+    )
 
-    p = sub.add_parser("step", help="images/s of the training step alone, data on the device")
+    p = command(
+        "step",
+        "images/s of the training step alone, data on the device",
+        "Time the training step alone (forward, backward, optimiser step) on one batch "
+        "already on the device, for every combination of the models, widths, channels_last, "
+        "AMP and compile settings given.",
+    )
     measurement_flags(p, data=False)
-    p.add_argument("--models", nargs="+", metavar="NAME", help="default: every registered model")
-    p.add_argument("--widths", nargs="+", type=float, default=[1.0, 0.5])
-    p.add_argument("--channels-last", nargs="+", choices=ON_OFF, default=["on", "off"])
-    p.add_argument("--amp", nargs="+", choices=("off", "bf16", "fp16"), default=["off", "bf16"])
+    p.add_argument(
+        "--models",
+        nargs="+",
+        metavar="NAME",
+        help="models to time (default: every registered model)",
+    )
+    p.add_argument(
+        "--widths",
+        nargs="+",
+        type=float,
+        default=[1.0, 0.5],
+        metavar="W",
+        help="width multipliers (default: 1.0 0.5)",
+    )
+    p.add_argument(
+        "--channels-last",
+        nargs="+",
+        choices=ON_OFF,
+        default=["on", "off"],
+        help="channels_last memory format on, off or both (default: on off)",
+    )
+    p.add_argument(
+        "--amp",
+        nargs="+",
+        choices=("off", "bf16", "fp16"),
+        default=["off", "bf16"],
+        help="autocast dtypes (default: off bf16)",
+    )
     p.add_argument(
         "--compile",
         nargs="+",
         choices=ON_OFF,
-        help="default: off on (off only on the CPU, where compiling takes minutes)",
+        help="torch.compile on, off or both (default: off on; only off on the CPU, where "
+        "compiling takes minutes)",
     )
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    p.add_argument(
+        "--batch-size", type=int, default=512, metavar="B", help="images per step (default: 512)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=20, metavar="N", help="timed steps per setting (default: 20)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        metavar="N",
+        help="untimed steps after the first, before timing (default: 3)",
+    )
 
-    p = sub.add_parser("epoch", help="one epoch per pipeline split into data wait and compute")
+    p = command(
+        "epoch",
+        "one epoch per pipeline split into data wait and compute",
+        "Train one real epoch of a preset with each pipeline and split its time into "
+        "waiting for the next batch and computing on it: does the model wait for data?",
+    )
     measurement_flags(p)
     p.add_argument(
         "--preset",
-        default="fast",
-        choices=list(PRESETS),
-        help="model and recipe, as fastmbv1 train runs it here",
+        default="auto",
+        choices=["auto", *PRESETS],
+        help="model and recipe, as fastmbv1 train runs it on this device (default: auto, "
+        "which is fast on a CUDA GPU and cpu otherwise)",
     )
     p.add_argument("--pipelines", nargs="+", metavar="NAME[:num_workers=N]", help=pipelines_help)
 
-    p = sub.add_parser("budget", help="epochs of each preset that fit into a time budget")
+    p = command(
+        "budget",
+        "epochs of each preset that fit into a time budget",
+        "Time one epoch and one evaluation of each preset (scaled to the full 50,000 / "
+        "10,000 images when --images is given) and count the epochs that fit into each "
+        "budget; the original project's Tesla T4 runs follow in the same terms.",
+    )
     measurement_flags(p)
-    p.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS))
-    p.add_argument("--budget", nargs="+", type=float, default=[3600.0], metavar="S")
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        choices=list(PRESETS),
+        default=list(PRESETS),
+        metavar="PRESET",
+        help=f"presets to time: {', '.join(PRESETS)} (default: all)",
+    )
+    p.add_argument(
+        "--budget",
+        nargs="+",
+        type=float,
+        default=[3600.0],
+        metavar="S",
+        help="budgets in seconds (default: 3600)",
+    )
 
-    p = sub.add_parser("report", help="plot and tabulate test accuracy against wall-clock time")
+    p = command(
+        "report",
+        "plot and tabulate test accuracy against wall-clock time",
+        "Draw test accuracy against wall-clock seconds for fastmbv1 train run folders "
+        "(finished or still running) into report.png, and write their time to each accuracy "
+        "into report.md (also printed). --launch trains one run per preset first.",
+    )
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="folders of fastmbv1 train runs")
     p.add_argument(
-        "--out", default=RESULTS_DIR, metavar="DIR", help="where report.png and report.md go"
+        "--out",
+        default=RESULTS_DIR,
+        metavar="DIR",
+        help="where report.png and report.md go (default: %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--launch", action="store_true", help="first train one run per --presets")
-    p.add_argument("--presets", nargs="+", choices=list(PRESETS), default=["fast"])
-    p.add_argument("--budget", type=float, metavar="S", help="budget of launched runs")
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        choices=["auto", *PRESETS],
+        default=["auto"],
+        metavar="PRESET",
+        help=f"presets --launch trains: auto, {', '.join(PRESETS)} (default: auto)",
+    )
+    p.add_argument(
+        "--budget", type=float, metavar="S", help="budget of launched runs (default: the preset's)"
+    )
     p.add_argument("--config", metavar="FILE", help="TOML applied on top of each launched preset")
     p.add_argument(
         "--runs-dir",
         default="runs",
         metavar="DIR",
-        help="launched runs go to DIR/<preset>-<budget>s",
+        help="launched runs go to DIR/<preset>-<budget>s (default: %(default)s)",
     )
-    p.add_argument("--data", metavar="PATH", help="CIFAR-10 for launched runs")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="for launched runs")
+    p.add_argument(
+        "--data", metavar="PATH", help="CIFAR-10 for launched runs (default: as train finds it)"
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        help="device of launched runs (default: auto)",
+    )
+
+    p = command(
+        "plot",
+        "draw the chart of saved result files again, without measuring",
+        "Draw each result file written by --save (or --json) as --plot would have drawn "
+        "it when it was measured.",
+    )
+    p.add_argument("files", nargs="+", metavar="RESULT", help="result files (JSON)")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="the picture, for one result file (default: beside each file, as .png)",
+    )

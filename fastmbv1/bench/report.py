@@ -10,10 +10,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from fastmbv1.bench.plots import figure, save
 from fastmbv1.errors import UserError
 from fastmbv1.metrics import THRESHOLDS
-
-COLUMNS = ("run", "device", "final acc %", "epochs", "train s", "wall s")
+from fastmbv1.tables import Column, markdown_table
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -51,40 +51,24 @@ def summarize(run: dict) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    def cell(value, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    header = [*COLUMNS, *(f"{t} % at s" for t in THRESHOLDS)]
-    lines = [
-        "Time to accuracy: wall-clock seconds from the start of the run (data loading,",
-        "compile and evaluations included) to its first evaluation at or above the threshold.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
+    columns = [
+        Column("run", "run"),
+        Column("device", "device"),
+        Column("final acc %", "final_acc", spec=".2f"),
+        Column("epochs", "epochs", spec="d"),
+        Column("train s", "train_s", spec=".1f"),
+        Column("wall s", "wall_s", spec=".1f"),
+        *(Column(f"{t} % at s", f"tta_{t}", spec=".1f") for t in THRESHOLDS),
     ]
-    for r in rows:
-        cells = [
-            r["run"],
-            r["device"] or "-",
-            cell(r["final_acc"], ".2f"),
-            str(r["epochs"]),
-            cell(r["train_s"], ".1f"),
-            cell(r["wall_s"], ".1f"),
-            *(cell(r[f"tta_{t}"], ".1f") for t in THRESHOLDS),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return (
+        "Time to accuracy: wall-clock seconds from the start of the run (data loading,\n"
+        "compile and evaluations included) to its first evaluation at or above the threshold.\n"
+        "\n" + markdown_table(columns, rows) + "\n"
+    )
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("the report needs matplotlib: pip install matplotlib") from None
-    # A bare Figure on the Agg canvas: no pyplot state, no display needed.
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(8, 5)
     ax = fig.add_subplot()
     for run in runs:
         evals = [r for r in run["records"] if r.get("test_acc") is not None]
@@ -100,7 +84,7 @@ def plot(runs: list[dict], path: Path) -> None:
     ax.set_title("CIFAR-10 test accuracy against time")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def report(run_dirs: list[str | Path], out: str | Path) -> list[dict]:
@@ -141,5 +125,5 @@ def launch(
         if budget is not None:
             fields["budget"] = budget
         cfg = make_config(fields, config_file)
-        configs.append(replace(cfg, out=str(Path(runs_dir) / f"{preset}-{cfg.budget:g}s")))
+        configs.append(replace(cfg, out=str(Path(runs_dir) / f"{cfg.preset}-{cfg.budget:g}s")))
     return [train(cfg, overwrite=True).out for cfg in configs]
