@@ -109,7 +109,10 @@ def load(path: str | os.PathLike) -> nn.Module:
     """Load a saved model in eval mode: float (N, 3, 32, 32) RGB in [0, 1] -> (N, 10) logits."""
     record = read_checkpoint(path)
     if "model_record" in record:  # a training checkpoint carries its model record inside
+        ema = record.get("ema")  # and, with --ema, the average that the run ships
         record = record["model_record"]
+        if ema is not None:
+            record = {**record, "state_dict": ema["state_dict"]}
     return model_from_record(record, path)
 
 

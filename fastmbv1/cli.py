@@ -40,10 +40,13 @@ class Parser(argparse.ArgumentParser):
 
 def shown_default(name: str, default) -> str:
     """A field's default as help shows it: the two presets auto picks, where they differ."""
-    fast, cpu = (
-        {True: "on", False: "off"}.get(v, v)
-        for v in (PRESETS[p].get(name, default) for p in ("fast", "cpu"))
-    )
+
+    def shown(value) -> str:
+        if isinstance(value, bool):  # before the lookup: 1.0 == True
+            return "on" if value else "off"
+        return "auto" if value is None else str(value)
+
+    fast, cpu = (shown(PRESETS[p].get(name, default)) for p in ("fast", "cpu"))
     if fast == cpu:
         return "" if default is None else f" (default {fast})"
     return f" (default: fast {fast}, cpu {cpu})"

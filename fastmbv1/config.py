@@ -45,7 +45,9 @@ class TrainConfig:
     )
     num_workers: int = opt(0, "DataLoader workers for the torchvision pipeline")
     device: str = opt("auto", "auto, cuda or cpu", choices=("auto", "cuda", "cpu"))
-    epochs: int = opt(30, "epochs to train (the budget may end the run sooner)")
+    epochs: int | None = opt(
+        30, "epochs to train (the budget may end the run sooner); auto: as many as fit the budget"
+    )
     batch_size: int = opt(512, "training batch size")
     eval_batch_size: int = opt(1000, "evaluation batch size")
     lr: float = opt(0.4, "peak learning rate")
@@ -66,9 +68,17 @@ class TrainConfig:
     )
     compile: bool | None = opt(None, "torch.compile the model (default: on CUDA only)")
     channels_last: bool = opt(True, "channels_last memory format for model and batches")
+    ema: float = opt(
+        0.0, "decay per step of an average of the weights that is evaluated and saved (0: off)"
+    )
+    tta: bool = opt(False, "evaluate and save the model averaging each image with its mirror")
     budget: float = opt(3600.0, "wall-clock seconds for the whole run, compile and eval included")
     target_acc: float | None = opt(None, "stop once the test accuracy reaches this (percent)")
-    eval_every: int = opt(1, "evaluate on the test set every K epochs (and always at the end)")
+    eval_every: int | None = opt(
+        None,
+        "evaluate on the test set every K epochs (default: whenever the evaluations so far stay "
+        "under 2 % of the time used; always at the end)",
+    )
     sync_bn: bool = opt(False, "SyncBatchNorm across ranks under torchrun")
     checkpoint_every: int | None = opt(
         None,
@@ -96,10 +106,10 @@ class TrainConfig:
         for name in ("width", "budget", "lr"):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, f"--{dash(name)} must be > 0, got {value}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
+        for name in ("batch_size", "eval_batch_size"):
             value = getattr(self, name)
             need(value >= 1, f"--{dash(name)} must be >= 1, got {value}")
-        for name in ("train_limit", "test_limit"):
+        for name in ("epochs", "eval_every", "train_limit", "test_limit"):
             value = getattr(self, name)
             need(value is None or value >= 1, f"--{dash(name)} must be >= 1, got {value}")
         for name in ("mixup", "cutmix", "cutout"):
@@ -118,6 +128,7 @@ class TrainConfig:
             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}",
         )
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}")
         need(0 <= self.warmup < 1, f"--warmup must be in [0, 1), got {self.warmup}")
         need(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}")
         need(
@@ -144,7 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {},
     # The same recipe sized for a 2-core CPU and minutes: quarter width (about 3x the images/s
     # of half width here), smaller batches for more steps in the few epochs that fit.
-    "cpu": {"width": 0.25, "batch_size": 128, "lr": 0.2, "epochs": 30},
+    "cpu": {"width": 0.25, "batch_size": 128, "lr": 0.2, "epochs": None, "budget": 600.0},
     # The original project's CustomMobileNet recipe, field for field (facts.md).
     "custom": {
         "model": "custom_mobilenet",

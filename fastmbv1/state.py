@@ -79,9 +79,9 @@ class Totals:
 class RunState:
     """A run after ``totals.epochs_done`` epochs: enough to continue it exactly.
 
-    ``model_record`` is the saved-model record (``fastmbv1.checkpoint.model_record``, so
-    ``fastmbv1.load`` reads a checkpoint too); ``ema`` the averaged weights' state dict when
-    the run keeps an average; ``metrics`` the epochs' records so far.
+    ``model_record`` is the trained weights' saved-model record (``fastmbv1.load`` reads a
+    checkpoint too); ``ema`` the weights' average (``WeightAverage.state_dict``) when the run
+    keeps one, which is then what ``fastmbv1.load`` gives; ``metrics`` the epochs' records.
     """
 
     config: dict
@@ -91,6 +91,7 @@ class RunState:
     rng: dict
     totals: Totals
     metrics: list[dict] = field(default_factory=list)
+    ema: dict | None = None
 
     @classmethod
     def capture(cls, run, totals: Totals, metrics: list[dict]) -> RunState:
@@ -104,6 +105,7 @@ class RunState:
             rng=rng_state(),
             totals=replace(totals),
             metrics=list(metrics),
+            ema=run.ema.state_dict() if run.ema is not None else None,
         )
 
     def to_dict(self) -> dict:
@@ -123,7 +125,9 @@ class RunState:
         return state
 
     def restore(self, run) -> None:
-        """Put the optimiser, scaler and generators back as they were."""
+        """Put the optimiser, scaler, weights' average and generators back as they were."""
         run.optimizer.load_state_dict(self.optimizer)
         run.scaler.load_state_dict(self.scaler)
+        if run.ema is not None:
+            run.ema.load_state_dict(self.ema)
         set_rng_state(self.rng)

@@ -18,6 +18,7 @@ from fastmbv1 import augment
 from fastmbv1.checkpoint import model_info
 from fastmbv1.config import TrainConfig
 from fastmbv1.distributed import World
+from fastmbv1.ema import WeightAverage
 from fastmbv1.errors import one_line
 from fastmbv1.evaluate import autocast
 from fastmbv1.models import build_model
@@ -34,7 +35,7 @@ class Run:
     device: torch.device
     model: nn.Module  # the network itself: what is saved
     model_for_step: nn.Module  # what trains it: compiled and/or DDP-wrapped
-    model_for_eval: nn.Module  # what evaluates it: compiled or not, never DDP
+    model_for_eval: nn.Module  # what evaluates the shipped model: compiled or not, never DDP
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     criterion: nn.Module
@@ -42,6 +43,12 @@ class Run:
     kwargs: dict
     info: dict  # the saved-model record without weights (fastmbv1.checkpoint.model_info)
     skipped_steps: torch.Tensor  # fp16 steps the scaler skipped, counted on the device
+    ema: WeightAverage | None = None  # with --ema, the average that is evaluated and saved
+
+    @property
+    def shipped(self) -> nn.Module:
+        """The network that is evaluated and saved: the weights' average, or the weights."""
+        return self.ema.model if self.ema is not None else self.model
 
 
 def compile_problem(device: torch.device) -> str | None:
@@ -68,8 +75,8 @@ def build_run(
     ``model`` (registered as ``name`` with ``kwargs``, as pruning and resume give one)."""
     world = world or World()
     if model is None:
-        name, kwargs = cfg.model, {"width": cfg.width, "normalize": cfg.normalize}
-        kwargs["dropout"] = cfg.dropout
+        name = cfg.model
+        kwargs = dict(width=cfg.width, normalize=cfg.normalize, dropout=cfg.dropout, tta=cfg.tta)
         model = build_model(name, **kwargs)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).train()
@@ -77,16 +84,20 @@ def build_run(
     torch.backends.cudnn.benchmark = device.type == "cuda"
     if world.active and cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    compiled = model
+    ema = WeightAverage(model, cfg.ema) if cfg.ema else None
+
+    def compiled(m: nn.Module) -> nn.Module:
+        return torch.compile(m, backend=COMPILE_BACKEND) if cfg.compile else m
+
     if cfg.compile:
         # Each run its own compile state: graphs of earlier runs in this process (a tuner's
         # trials) would otherwise fill dynamo's recompile limit and silently turn it off.
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend=COMPILE_BACKEND)
-    model_for_step = compiled
+    model_for_step = compiled(model)
+    model_for_eval = compiled(ema.model) if ema else model_for_step
     if world.active:  # compile the module, then wrap it (PyTorch's guidance for DDP)
         ids = [device.index] if device.index is not None else None
-        model_for_step = DistributedDataParallel(compiled, device_ids=ids)
+        model_for_step = DistributedDataParallel(model_for_step, device_ids=ids)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=cfg.lr,
@@ -103,7 +114,7 @@ def build_run(
         device=device,
         model=model,
         model_for_step=model_for_step,
-        model_for_eval=compiled,
+        model_for_eval=model_for_eval,
         optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
@@ -111,6 +122,7 @@ def build_run(
         kwargs=kwargs or {},
         info=model_info(model, name, kwargs or {}),
         skipped_steps=torch.zeros((), dtype=torch.int64, device=device),
+        ema=ema,
     )
 
 
@@ -136,4 +148,6 @@ def train_step(
         found_inf = sum(run.scaler._found_inf_per_device(run.optimizer).values())
         run.skipped_steps += found_inf.to(torch.int64)
     run.scaler.update()
+    if run.ema is not None:
+        run.ema.update()
     return loss.detach(), (logits.argmax(1) == y_a).sum()

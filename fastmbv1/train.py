@@ -37,6 +37,7 @@ from fastmbv1.data import run_pipelines
 from fastmbv1.distributed import World
 from fastmbv1.errors import Diverged, Interrupted, UserError
 from fastmbv1.evaluate import evaluate
+from fastmbv1.fit import fit_epochs
 from fastmbv1.machine import device_name, peak_memory, pick_device, sync, versions
 from fastmbv1.metrics import RunLog, format_summary, write_json
 from fastmbv1.schedule import lr_factor
@@ -46,6 +47,8 @@ from pipelines import Pipeline
 
 # What a run writes besides its checkpoints (--overwrite clears them all).
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.pt")
+# By default evaluations take at most this share of the time (one more always ends a run).
+EVAL_SHARE = 0.02
 # Without a GPU, checking the loss every step is free; on CUDA it would sync each step.
 NAN_CHECK_EVERY = {"cpu": 1, "cuda": 25}
 
@@ -211,7 +214,7 @@ def train_epoch(
 def evaluate_run(run: Run, batches: Pipeline, world: World) -> float:
     """Test accuracy (percent) of the model as it is saved; each rank scores its own slice of
     the test set and the counts are summed, so the accuracy is exact."""
-    world.share_buffers(run.model)
+    world.share_buffers(run.shipped)
     counts = evaluate(run.model_for_eval, batches, run.device, run.cfg.amp, run.cfg.channels_last)
     correct, total = world.sum(list(counts), run.device)
     return 100.0 * correct / total
@@ -243,7 +246,10 @@ def end_of_epoch(
     Decided before evaluating, so the last epoch is always evaluated: when the next step
     would not fit after this epoch's evaluation, the run stops here. Ranks agree on both.
     """
-    due = totals.epochs_done % cfg.eval_every == 0
+    if cfg.eval_every:
+        due = totals.epochs_done % cfg.eval_every == 0
+    else:  # as often as keeps the evaluations within EVAL_SHARE of the time used
+        due = totals.eval_s + clock.eval_reserve() <= EVAL_SHARE * clock.wall()
     no_room = not clock.fits_a_step(after=clock.eval_reserve() if due else 0.0)
     no_room, signalled = world.max_over_ranks(no_room, bool(signals.received))
     if signalled:  # a signal during the epoch's last step, here or on another rank
@@ -287,7 +293,7 @@ def interrupted(signals: Signals, saved: Path | None, out: Path, when: str) -> I
 @dataclass
 class RunResult:
     summary: dict
-    model: nn.Module  # the trained network itself (not the compiled wrapper), in eval mode
+    model: nn.Module  # the network as saved (not a compiled wrapper), in eval mode
     out: Path
 
 
@@ -311,6 +317,8 @@ def train(
     device = world.device(pick_device(cfg.device))
     cfg, why = resolve(cfg, device)
     train_pipe, test_pipe, n_test = run_pipelines(cfg, device, world)  # checks before writing
+    if cfg.epochs is None:  # as many as fit into the budget at the speed measured now
+        cfg, why["epochs"] = fit_epochs(cfg, device, world, start, len(train_pipe), n_test)
     out = prepare_out(cfg, resume, overwrite, write=world.main)
     state = RunState.from_dict(latest_training_state(out)[0]) if resume else None
     totals = state.totals if state else Totals()
@@ -389,6 +397,7 @@ def finish(
         "peak_memory_bytes": peak_memory(run.device),
         "device": device_name(run.device),
         "versions": versions(),
+        "preset": run.cfg.preset,
         "params": sum(p.numel() for p in run.model.parameters()),
         "model": run.name,
         "model_kwargs": run.kwargs,
@@ -396,9 +405,9 @@ def finish(
     }
     if world.main:
         meta = {"config": run.cfg.to_dict(), "test_acc": final_acc}
-        save_model(out / "final.pt", run.model, run.name, run.kwargs, meta=meta)
+        save_model(out / "final.pt", run.shipped, run.name, run.kwargs, meta=meta)
         write_json(out / "summary.json", summary)
         print(format_summary(summary), flush=True)
         print(f"saved {out / 'final.pt'}", flush=True)
     world.barrier()
-    return RunResult(summary, run.model.eval(), out)
+    return RunResult(summary, run.shipped.eval(), out)

@@ -99,3 +99,22 @@ def logits_in_fresh_process(path: Path, x, tmp_path: Path):
     args = [str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")]
     subprocess.run([sys.executable, "-c", code, *args], check=True, timeout=120)
     return torch.load(tmp_path / "y.pt")
+
+
+def tiny_config(tmp_path: Path, data, name: str = "run", **fields):
+    """A quick run's config: quarter width, small batches, the torch pipeline, an evaluation
+    every epoch, written to ``tmp_path / name``; ``fields`` override any of it."""
+    from fastmbv1.config import make_config
+
+    base = dict(
+        preset="cpu",
+        data=str(data),
+        out=str(tmp_path / name),
+        width=0.25,
+        epochs=2,
+        batch_size=32,
+        eval_batch_size=64,
+        pipeline="torch",
+        eval_every=1,
+    )
+    return make_config({**base, **fields})

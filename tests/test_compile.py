@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import tiny_batches, write_archive
+from conftest import tiny_batches, tiny_config, write_archive
 
 import fastmbv1
 from fastmbv1 import step
@@ -24,18 +24,7 @@ def data(tmp_path):
 
 
 def config(tmp_path, data, name="run", **kw):
-    base = dict(
-        preset="cpu",
-        data=str(data),
-        out=str(tmp_path / name),
-        width=0.25,
-        epochs=1,
-        batch_size=32,
-        eval_batch_size=64,
-        pipeline="torch",
-        compile=True,
-    )
-    return make_config({**base, **kw})
+    return tiny_config(tmp_path, data, name, **{"epochs": 1, "compile": True, **kw})
 
 
 class CountingBackend:

@@ -6,12 +6,14 @@ from fastmbv1.checkpoint import save_model
 from fastmbv1.cli import main
 from fastmbv1.models import build_model
 
-NAME, KWARGS = "custom_mobilenet", {"width": 0.25}
+NAME = "custom_mobilenet"
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> tuple:
+# With test-time flips inside the model, the exported graph must average them too.
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "tta"])
+def saved(tmp_path_factory, request) -> tuple:
     """A model file whose BN statistics come from data, so the logits have a sane scale."""
+    KWARGS = {"width": 0.25, "tta": request.param}
     model = build_model(NAME, **KWARGS)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):

@@ -9,12 +9,11 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_batches, write_archive
+from conftest import tiny_batches, tiny_config, write_archive
 
 import fastmbv1
 from fastmbv1 import augment
 from fastmbv1.checkpoint import latest_training_state
-from fastmbv1.config import make_config
 from fastmbv1.errors import Diverged, Interrupted, UserError
 from fastmbv1.train import train
 
@@ -42,19 +41,9 @@ def data(tmp_path):
 
 
 def config(tmp_path, data, name="run", **kw):
-    base = dict(
-        preset="cpu",
-        data=str(data),
-        out=str(tmp_path / name),
-        width=0.25,
-        epochs=4,
-        batch_size=32,
-        eval_batch_size=64,
-        pipeline="torch",
-        checkpoint_every=1,
-        keep=10,
+    return tiny_config(
+        tmp_path, data, name, **{"epochs": 4, "checkpoint_every": 1, "keep": 10, **kw}
     )
-    return make_config({**base, **kw})
 
 
 def records(out):
@@ -74,14 +63,17 @@ def without_times(rs):
     return [{k: v for k, v in r.items() if k not in timing} for r in rs]
 
 
-def test_resume_equals_the_uninterrupted_run(tmp_path, data):
-    full = train(config(tmp_path, data, "full", dropout=0.2))
+@pytest.mark.parametrize(
+    "recipe", [{"dropout": 0.2}, {"ema": 0.9, "tta": True}], ids=["dropout", "ema-tta"]
+)
+def test_resume_equals_the_uninterrupted_run(tmp_path, data, recipe):
+    full = train(config(tmp_path, data, "full", **recipe))
     # The same run stopped after epoch 2: its folder as it was then, then resumed.
     cut = tmp_path / "cut"
     cut.mkdir()
     (cut / "config.json").write_bytes((full.out / "config.json").read_bytes())
     (cut / "checkpoint-0002.pt").write_bytes((full.out / "checkpoint-0002.pt").read_bytes())
-    resumed = train(config(tmp_path, data, "cut", dropout=0.2), resume=str(cut))
+    resumed = train(config(tmp_path, data, "cut", **recipe), resume=str(cut))
     pairs = zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True)
     for (k, a), b in pairs:
         assert torch.equal(a, b), k

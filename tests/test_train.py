@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_batches, write_archive
+from conftest import tiny_batches, tiny_config, write_archive
 
 import fastmbv1
 from fastmbv1.config import PRESETS, TrainConfig, make_config
@@ -33,23 +33,9 @@ def tiny_data(tmp_path):
     return write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
 
 
-def quick(tmp_path, data, **kw):
-    base = dict(
-        preset="cpu",
-        data=str(data),
-        out=str(tmp_path / "run"),
-        width=0.25,
-        epochs=2,
-        batch_size=32,
-        eval_batch_size=64,
-        pipeline="torch",
-    )
-    return make_config({**base, **kw})
-
-
 def test_short_real_run_writes_every_output(tmp_path, real_cifar_path, real_cache, monkeypatch):
     monkeypatch.setenv("FASTMBV1_CACHE", str(real_cache))
-    cfg = quick(tmp_path, real_cifar_path, train_limit=1024, test_limit=500, epochs=2)
+    cfg = tiny_config(tmp_path, real_cifar_path, train_limit=1024, test_limit=500, epochs=2)
     result = train(cfg)
     out = tmp_path / "run"
     assert json.loads((out / "config.json").read_text())["pipeline"] == "torch"
@@ -82,7 +68,7 @@ def test_short_real_run_writes_every_output(tmp_path, real_cifar_path, real_cach
 
 
 def test_budget_stops_on_time_and_anneals(tmp_path, tiny_data):
-    cfg = quick(tmp_path, tiny_data, epochs=10_000, budget=5.0, batch_size=8, eval_every=1000)
+    cfg = tiny_config(tmp_path, tiny_data, epochs=10_000, budget=5.0, batch_size=8, eval_every=1000)
     summary = train(cfg).summary
     assert summary["stopped_by"] == "budget"
     assert summary["wall_s"] <= cfg.budget + 1.0
@@ -101,7 +87,7 @@ def test_onecycle_shape():
 
 
 def test_target_acc_stops_early(tmp_path, tiny_data):
-    summary = train(quick(tmp_path, tiny_data, epochs=50, target_acc=1.0)).summary
+    summary = train(tiny_config(tmp_path, tiny_data, epochs=50, target_acc=1.0)).summary
     assert summary["stopped_by"] == "target_acc"
     assert summary["epochs_done"] == 1
 

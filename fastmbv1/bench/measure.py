@@ -21,6 +21,7 @@ from fastmbv1.errors import UserError
 from fastmbv1.evaluate import batch_dtype, evaluate
 from fastmbv1.machine import sync
 from fastmbv1.step import build_run, train_step
+from fastmbv1.train import EVAL_SHARE
 from pipelines import build_pipeline
 from pipelines.cifar10 import CIFAR10, load_cifar10
 
@@ -213,10 +214,12 @@ def epochs_in(budget: float, epoch_s: float, setup_s: float = 0.0) -> int:
 def project_budget(
     cfg: TrainConfig, data: CIFAR10, device: torch.device, budgets: tuple[float, ...] = (3600.0,)
 ) -> dict:
-    """How many epochs (each with its evaluation) of ``cfg`` fit into each budget.
+    """How many epochs of ``cfg`` (with its evaluations and the final one) fit into each budget.
 
     One epoch is profiled at the preset's batch size and pipeline and one evaluation timed;
     measured on part of the data (``--images``), both are scaled to CIFAR-10's full sizes.
+    Evaluations come every ``eval_every`` epochs, or by default take ``EVAL_SHARE`` of the
+    time; ``epochs`` is None for a preset that fits its epochs to the budget.
     """
     prof = profile_epoch(cfg, data.train_images, data.train_labels, device)
     full_epoch = TRAIN_IMAGES // cfg.batch_size * cfg.batch_size
@@ -224,7 +227,9 @@ def project_budget(
     test = data.test_images[:TEST_IMAGES]
     eval_s = measure_eval(cfg, test, data.test_labels[:TEST_IMAGES], device)
     eval_s *= TEST_IMAGES / len(test)
-    per_epoch = epoch_s + eval_s
+    every = cfg.eval_every
+    per_epoch = epoch_s + eval_s / every if every else epoch_s * (1 + EVAL_SHARE)
+    setup_s = prof["setup_s"] + eval_s  # and the final evaluation
     return {
         "run": cfg.preset,
         "pipeline": cfg.pipeline,
@@ -236,8 +241,8 @@ def project_budget(
         "eval_s": eval_s,
         "s_per_epoch": per_epoch,
         "epochs": cfg.epochs,
-        "epochs_s": prof["setup_s"] + cfg.epochs * per_epoch,
-        **{f"epochs_in_{b:g}s": epochs_in(b, per_epoch, prof["setup_s"]) for b in budgets},
+        "epochs_s": setup_s + cfg.epochs * per_epoch if cfg.epochs else None,
+        **{f"epochs_in_{b:g}s": epochs_in(b, per_epoch, setup_s) for b in budgets},
     }
 
 

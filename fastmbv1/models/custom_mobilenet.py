@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from fastmbv1.models import register_model
-from fastmbv1.models.mobilenet import Normalize, conv_bn, scaled
+from fastmbv1.models.mobilenet import Classifier, conv_bn, scaled
 
 # (out channels, stride) of the 22 blocks; the stem has 16 channels. 32x32 -> 2x2.
 STEM = 16
@@ -49,7 +49,7 @@ class ResidualBlock(nn.Module):
         return self.relu(self.pointwise(self.depthwise(x)) + self.shortcut(x))
 
 
-class CustomMobileNet(nn.Module):
+class CustomMobileNet(Classifier):
     def __init__(
         self,
         width: float = 1.0,
@@ -57,15 +57,14 @@ class CustomMobileNet(nn.Module):
         normalize: bool = True,
         dropout: float = 0.5,
         channels: list[int] | None = None,
+        tta: bool = False,
     ):
-        super().__init__()
         if channels is None:
             channels = [scaled(c, width) for c in BASE_CHANNELS]
         if len(channels) != len(BASE_CHANNELS):
             raise ValueError(f"channels needs {len(BASE_CHANNELS)} entries, got {len(channels)}")
-        self.normalize = Normalize() if normalize else nn.Identity()
-        self.stem = conv_bn(3, channels[0], 3)
-        self.blocks = nn.Sequential(
+        stem = conv_bn(3, channels[0], 3)  # first: the seed's draws go in layer order
+        blocks = nn.Sequential(
             *(
                 ResidualBlock(cin, cout, stride, projects)
                 for cin, cout, (_, stride), projects in zip(
@@ -73,9 +72,7 @@ class CustomMobileNet(nn.Module):
                 )
             )
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.classifier = nn.Linear(channels[-1], num_classes)
+        super().__init__(stem, blocks, channels[-1], num_classes, normalize, dropout, tta)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -87,10 +84,6 @@ class CustomMobileNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.stem(self.normalize(x)))
-        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
 
 
 @register_model

@@ -63,7 +63,44 @@ class Block(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
-class MobileNetV1(nn.Module):
+class Classifier(nn.Module):
+    """Normalise, stem, blocks, then the pooled features to class logits.
+
+    With ``tta`` the model in eval mode answers with the mean of its logits for each image
+    and its mirror image (test-time augmentation, one batch of twice the size); training
+    always sees single images. Being part of the model, it is saved, loaded and exported.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        blocks: nn.Module,
+        features: int,
+        num_classes: int,
+        normalize: bool,
+        dropout: float,
+        tta: bool,
+    ):
+        super().__init__()
+        self.normalize = Normalize() if normalize else nn.Identity()
+        self.stem, self.blocks = stem, blocks
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Linear(features, num_classes)
+        self.tta = tta
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(self.normalize(x)))
+        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tta and not self.training:
+            # No batch size in the arithmetic, so an exported graph keeps its dynamic batch.
+            return self.logits(torch.cat([x, x.flip(3)])).unflatten(0, (2, -1)).mean(0)
+        return self.logits(x)
+
+
+class MobileNetV1(Classifier):
     def __init__(
         self,
         width: float = 1.0,
@@ -71,27 +108,20 @@ class MobileNetV1(nn.Module):
         normalize: bool = True,
         dropout: float = 0.0,
         channels: list[int] | None = None,
+        tta: bool = False,
     ):
-        super().__init__()
         if channels is None:
             channels = [scaled(c, width) for c in [STEM] + [c for c, _ in BLOCKS]]
         if len(channels) != len(BLOCKS) + 1:
             raise ValueError(f"channels needs {len(BLOCKS) + 1} entries, got {len(channels)}")
-        self.normalize = Normalize() if normalize else nn.Identity()
-        self.stem = conv_bn(3, channels[0], 3)
-        self.blocks = nn.Sequential(
+        stem = conv_bn(3, channels[0], 3)  # first: the seed's draws go in layer order
+        blocks = nn.Sequential(
             *(
                 Block(cin, cout, stride)
                 for cin, cout, (_, stride) in zip(channels[:-1], channels[1:], BLOCKS, strict=True)
             )
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.classifier = nn.Linear(channels[-1], num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.stem(self.normalize(x)))
-        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
+        super().__init__(stem, blocks, channels[-1], num_classes, normalize, dropout, tta)
 
 
 @register_model

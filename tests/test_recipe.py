@@ -1,0 +1,155 @@
+"""What a plain `fastmbv1 train` does on the machine it meets: the preset that suits the
+device, a run sized to its budget, evaluations that cost little, and a reported accuracy
+that is the saved model's own."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_batches, tiny_config, write_archive
+
+import fastmbv1
+from fastmbv1 import fit
+from fastmbv1.config import make_config, resume_config
+from fastmbv1.evaluate import evaluate
+from fastmbv1.train import train
+from pipelines import build_pipeline
+from pipelines.cifar10 import load_cifar10
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
+
+
+@pytest.mark.parametrize(
+    "cuda, fields, preset",
+    [
+        (True, {}, "fast"),
+        (False, {}, "cpu"),
+        (True, {"device": "cpu"}, "cpu"),  # a CPU run on a GPU machine (or a gloo rank)
+        (False, {"device": "cuda"}, "fast"),  # then refused at start: no GPU
+        (True, {"preset": "baseline"}, "baseline"),  # an explicit preset always wins
+        (False, {"preset": "auto"}, "cpu"),
+    ],
+)
+def test_auto_preset_follows_the_device(monkeypatch, cuda, fields, preset):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert make_config(fields).preset == preset
+
+
+def test_auto_never_reaches_a_saved_config_and_resume_keeps_the_resolved_one(
+    tmp_path, data, monkeypatch
+):
+    cfg = tiny_config(tmp_path, data, preset="auto", epochs=1)
+    assert cfg.preset == "cpu"
+    train(cfg)
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["preset"] == "cpu"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["preset"] == "cpu"
+    # The same run resumed on a machine where auto would now mean the GPU recipe.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resume_config(tmp_path / "run", {}).preset == "cpu"
+
+
+def test_epochs_fit_the_budget_at_the_measured_speed(tmp_path, data, monkeypatch, capsys):
+    speeds = iter([400.0, 100.0])  # images/s: a fast machine, then a four times slower one
+    monkeypatch.setattr(
+        "fastmbv1.bench.measure.measure_step",
+        lambda *a, **k: {"images_per_s": next(speeds)},
+    )
+    epochs = []
+    for name in ("fast", "slow"):
+        # 200 images an epoch: 0.5 s at 400 images/s, 2 s at 100.
+        cfg = tiny_config(tmp_path, data, name, epochs=None, budget=30.0, eval_every=None)
+        result = train(cfg)
+        saved = json.loads((tmp_path / name / "config.json").read_text())
+        epochs.append(saved["epochs"])
+        assert "measured" in saved["why"]["epochs"] and f"{epochs[-1]}:" in saved["why"]["epochs"]
+        assert result.summary["epochs_done"] <= saved["epochs"]
+    assert "images/s" in capsys.readouterr().err  # the choice is printed with its reason
+    # Per epoch 200 images plus a few percent; the budget less startup, final eval and save.
+    assert 40 <= epochs[0] <= 60 and 10 <= epochs[1] <= 15
+    assert epochs[0] == pytest.approx(4 * epochs[1], rel=0.2)
+
+
+def test_fit_counts_what_is_left_of_the_budget(monkeypatch):
+    monkeypatch.setattr(
+        "fastmbv1.bench.measure.measure_step", lambda *a, **k: {"images_per_s": 1000.0}
+    )
+    from fastmbv1.distributed import World
+
+    cfg = make_config({"preset": "cpu", "budget": 60.0, "tta": False})
+    now = fit.time.perf_counter()
+    # 50 steps of 128 images: 6.4 s an epoch (6.72 s with the overhead).
+    full, why = fit.fit_epochs(cfg, torch.device("cpu"), World(), now, 50, 10_000)
+    late, _ = fit.fit_epochs(cfg, torch.device("cpu"), World(), now - 30.0, 50, 10_000)
+    assert full.epochs == 8 and late.epochs == 4
+    assert "1,000 images/s" in why
+
+
+def test_evaluations_stay_within_two_percent_of_the_time_and_the_last_is_always_made():
+    from fastmbv1.clock import BudgetClock
+    from fastmbv1.distributed import World
+    from fastmbv1.state import Totals
+    from fastmbv1.train import Epoch, Signals, end_of_epoch
+
+    now = [0.0]
+    clock = BudgetClock(10_000.0, 10**6, eval_steps=0, now=lambda: now[0])
+    clock.measured_eval(2.0)  # an evaluation takes 2 s
+    cfg = make_config({"preset": "cpu", "eval_every": None, "epochs": 100})
+    totals = Totals(epochs_done=1)
+    epoch = Epoch(1, 128, torch.zeros(1), 0, 0.1, 0.0, 1.0, 0.0, 0, None)
+
+    def due(at: float) -> bool:
+        now[0] = at
+        stop, evaluate = end_of_epoch(epoch, cfg, totals, clock, World(), Signals())
+        assert stop is None
+        return evaluate
+
+    assert not due(50.0)  # 2 s would be 4 % of 50 s
+    assert due(100.0)  # and 2 % of 100 s
+    totals.eval_s = 2.0
+    assert not due(150.0) and due(200.0)  # 4 s of evaluation in 200 s
+    totals.epochs_done = 100  # the last epoch is evaluated whatever it costs
+    now[0] = 201.0
+    assert end_of_epoch(epoch, cfg, totals, clock, World(), Signals()) == ("epochs", True)
+
+
+def test_the_reported_accuracy_is_the_saved_models(tmp_path, data):
+    cfg = tiny_config(tmp_path, data, epochs=3, ema=0.9, tta=True, checkpoint_every=1)
+    summary = train(cfg).summary
+    model = fastmbv1.load(tmp_path / "run" / "final.pt")
+    assert model.tta
+    cifar = load_cifar10(data)
+    test = build_pipeline(
+        "torch",
+        cifar.test_images,
+        cifar.test_labels,
+        batch_size=7,
+        train=False,
+        device="cpu",
+        seed=0,
+    )
+    correct, total = evaluate(model, test, torch.device("cpu"))
+    assert summary["final_test_acc"] == pytest.approx(100 * correct / total, abs=0.1)
+    # The average, not the last weights, is what was saved: the checkpoint holds both.
+    ckpt = torch.load(tmp_path / "run" / "checkpoint-0003.pt", weights_only=True)
+    raw, ema = ckpt["model_record"]["state_dict"], ckpt["ema"]["state_dict"]
+    saved = torch.load(tmp_path / "run" / "final.pt", weights_only=True)["state_dict"]
+    assert torch.equal(saved["classifier.weight"], ema["classifier.weight"])
+    assert not torch.equal(saved["classifier.weight"], raw["classifier.weight"])
+
+
+def test_tta_averages_an_image_and_its_mirror_in_eval_mode_only():
+    from fastmbv1.models import build_model
+
+    model = build_model("mobilenet_v1", width=0.25, tta=True).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        plain = model.logits(x)
+        mirrored = model.logits(x.flip(3))
+        torch.testing.assert_close(model(x), (plain + mirrored) / 2)
+        torch.testing.assert_close(model(x.flip(3)), model(x))  # a mirror gets the same answer
+    assert model.train()(x).shape == (4, 10)  # training sees single images
