@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipelines.sampling import Sampler, shifts_and_flips
+from pipelines.sampling import PipelineBase, shifts_and_flips
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -54,7 +54,7 @@ def augment(train: bool, device: str, half: bool):
     return fn.cast(x, dtype=types.FLOAT16) if half else x
 
 
-class DaliPipeline(Sampler):
+class DaliPipeline(PipelineBase):
     def __init__(self, images, labels, *, device, dtype, **settings):
         on_gpu = device.type == "cuda"
         if on_gpu and device.index is None:
