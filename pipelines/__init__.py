@@ -96,6 +96,10 @@ def build_pipeline(
     unknown = sorted(set(options) - set(getattr(module, "OPTIONS", ())))
     if unknown:
         raise UserError(f"pipeline {name!r} has no option {', '.join(unknown)}")
+    # DALI takes densely packed arrays only, and a transposed view (CIFAR-10 is stored planar)
+    # is not one. Copying it once here, which costs nothing for a contiguous array or memory
+    # map, lets every pipeline gather batches from whatever view it is given.
+    images = np.ascontiguousarray(images)
     return module.build(
         images,
         labels,

@@ -198,3 +198,24 @@ def test_cuda_without_gpu_is_a_user_error(name, data):
     assert unavailable(name, "cuda") is not None
     with pytest.raises(UserError, match="unavailable"):
         build(name, *data, device="cuda")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_any_strides_and_read_only_arrays_give_the_same_batches(name, data, tmp_path):
+    images, labels = np.ascontiguousarray(data[0][:300]), data[1][:300]
+    # CIFAR-10's own layout is planar: NCHW seen as NHWC through a transpose is a strided view,
+    # as torchvision's CIFAR10(...).data and np.concatenate of such views are.
+    planar = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    strided = planar.transpose(0, 2, 3, 1)
+    assert not strided.flags.c_contiguous
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "labels.npy", labels)
+    mapped = [np.load(tmp_path / f"{a}.npy", mmap_mode="r") for a in ("images", "labels")]
+    frozen = images.copy()
+    frozen.setflags(write=False)
+    for train in (True, False):
+        kw = {"batch_size": 128, "train": train, "drop_last": False}
+        x_ref, y_ref = epoch(build(name, images, labels, **kw))
+        for variant in ((strided, labels), mapped, (frozen, labels)):
+            x, y = epoch(build(name, *variant, **kw))
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
