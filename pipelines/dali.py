@@ -35,6 +35,18 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
+def num_threads() -> int:
+    """DALI's worker threads in this process: its rank's share of the cores, at most 4.
+
+    torchrun starts ``LOCAL_WORLD_SIZE`` ranks per machine, each with its own DALI pool beside
+    torch's intra-op threads, so a pool of ``os.cpu_count()`` threads per rank oversubscribes
+    the cores that many times. The cap keeps a large machine from starting dozens of threads
+    per rank for the few milliseconds of CPU work a batch of 32x32 images is.
+    """
+    share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(4, share))
+
+
 def augment(train: bool, device: str, half: bool):
     """One batch of HWC uint8 images in, HWC floats in [0, 1] out."""
     images = fn.external_source(name="images", device=device, layout="HWC")
@@ -71,7 +83,7 @@ class DaliPipeline(PipelineBase):
             # DALI has no bfloat16: it delivers float32 and torch rounds, as in the torch pipeline.
             half=dtype == torch.float16,
             batch_size=batch_size,
-            num_threads=os.cpu_count() or 1,
+            num_threads=num_threads(),
             device_id=device.index if on_gpu else None,
             # Inputs are fed with each run() call, which needs a queue one batch deep.
             prefetch_queue_depth=1,

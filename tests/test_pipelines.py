@@ -219,3 +219,19 @@ def test_any_strides_and_read_only_arrays_give_the_same_batches(name, data, tmp_
         for variant in ((strided, labels), mapped, (frozen, labels)):
             x, y = epoch(build(name, *variant, **kw))
             assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+@skip_unless_available("dali")
+@pytest.mark.parametrize(
+    ("cpus", "local_world_size", "threads"),
+    [(2, None, 2), (64, None, 4), (16, "8", 2), (2, "4", 1)],
+)
+def test_dali_threads_are_a_share_of_the_cores(monkeypatch, cpus, local_world_size, threads):
+    from pipelines import dali
+
+    monkeypatch.setattr(dali.os, "cpu_count", lambda: cpus)
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    assert dali.num_threads() == threads
