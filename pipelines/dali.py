@@ -1,10 +1,13 @@
-"""NVIDIA DALI: the shift, flip and scaling as DALI operators, fed a batch at a time.
+"""NVIDIA DALI: each sample's shift and flip as one DALI operator, fed a batch at a time.
 
-The epoch's plan is the one every pipeline draws (``pipelines.sampling``), so for the same
-seed and epoch this pipeline returns the torch pipeline's batches bit for bit. On CUDA the
-uint8 data set lives on the GPU as a torch tensor; each batch is gathered there and handed to
-DALI's GPU operators without a trip through host memory. With ``device_id=None`` the same
-graph runs DALI's CPU operators, which is what machines without a GPU (and the tests) use.
+The epoch's plan is the one every pipeline draws (``pipelines.sampling``), and the scaling to
+[0, 1] divides as the torch pipeline's ``x.to(dtype).div_(255)`` does on the same device (see
+``scales_in_dali``), so for the same seed and epoch this pipeline returns the torch pipeline's
+batches bit for bit. On CUDA the uint8 data set
+lives on the GPU as a torch tensor; each batch is gathered there and handed to DALI's GPU
+operators without a trip through host memory, and comes back on torch's current stream
+without a host sync. With ``device_id=None`` the same graph runs DALI's CPU operators, which
+is what machines without a GPU (and the tests) use.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pipelines.sampling import PipelineBase, shifts_and_flips
 
 try:
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.data_node import DataNode
 except ImportError as e:  # optional dependency: unavailable() says so, build() is never reached
     MISSING: str | None = f"NVIDIA DALI is not installed ({e}); pip install nvidia-dali-cuda120"
 else:
@@ -47,42 +51,66 @@ def num_threads() -> int:
     return max(1, min(4, share))
 
 
-def augment(train: bool, device: str, half: bool):
-    """One batch of HWC uint8 images in, HWC floats in [0, 1] out."""
+def affine_maps(dy: np.ndarray, dx: np.ndarray, flip: np.ndarray) -> np.ndarray:
+    """(n, 2, 3) maps from output to input pixel centres (x, y): output column c reads input
+    column c - dx, or 31 - c - dx where flipped, and row r reads row r - dy."""
+    maps = np.zeros((len(dy), 2, 3), dtype=np.float32)
+    maps[:, 0, 0] = np.where(flip, -1, 1)
+    maps[:, 0, 2] = np.where(flip, 32, 0) - dx  # centre c + 0.5 -> 32 - (c + 0.5) - dx
+    maps[:, 1, 1] = 1
+    maps[:, 1, 2] = -dy
+    return maps
+
+
+def scales_in_dali(device: torch.device) -> bool:
+    """Whether DALI divides by 255 (on the CPU) or hands uint8 to torch to do it (on CUDA).
+
+    On CUDA torch divides by a scalar as a multiplication by its reciprocal, which DALI's
+    division would not match bit for bit, so torch's own op scales there (one fused kernel).
+    On the CPU both divide truly and agree; there DALI's pool does it, because each torch op
+    on a whole batch is an OpenMP region that stalls for milliseconds whenever another process
+    holds a core, as the niced jobs on shared machines do.
+    """
+    return device.type == "cpu"
+
+
+def augment(train: bool, device: str, scale: bool) -> DataNode:
+    """One batch of HWC uint8 images in, the same shifted and maybe mirrored out: floats in
+    [0, 1] if ``scale``, else still uint8."""
     images = fn.external_source(name="images", device=device, layout="HWC")
     if train:
-        # Per-sample plan from the host: DALI takes argument inputs from CPU memory only.
-        anchor = fn.external_source(name="anchor")  # (y, x) = (-dy, -dx), absolute
-        mirror = fn.external_source(name="mirror")
-        # Integer anchors move the 32x32 window by whole pixels; what falls outside the image
-        # reads as zero, which is Pad(4) + RandomCrop(32) without building the padded copy.
-        images = fn.slice(
-            images, start=anchor, shape=(32, 32), axis_names="HW", out_of_bounds_policy="pad"
+        # Pad(4) + RandomCrop(32) + flip as one operator, since on the CPU each operator costs
+        # microseconds per 32x32 sample: the maps send pixel centres to pixel centres, so
+        # nearest-neighbour sampling reads whole pixels, and what falls outside reads as zero.
+        # The maps come from the host: DALI takes argument inputs from CPU memory only.
+        images = fn.warp_affine(
+            images,
+            matrix=fn.external_source(name="matrix"),
+            size=(32, 32),
+            inverse_map=True,
+            interp_type=types.INTERP_NN,
+            fill_value=0,
         )
-        images = fn.flip(images, horizontal=mirror)
-    # True division, as torch's x.to(dtype) / 255; crop_mirror_normalize multiplies by a
-    # reciprocal instead, which is one ulp off for some values.
-    x = images / types.Constant(255.0, dtype=types.FLOAT)
-    return fn.cast(x, dtype=types.FLOAT16) if half else x
+    return images / types.Constant(255.0, dtype=types.FLOAT) if scale else images
 
 
 class DaliPipeline(PipelineBase):
-    def __init__(self, images, labels, *, device, dtype, **settings):
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, *, device: torch.device, **settings
+    ) -> None:
         on_gpu = device.type == "cuda"
         if on_gpu and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        super().__init__(len(images), device=device, dtype=dtype, **settings)
-        train, batch_size = self.train, self.batch_size
+        super().__init__(len(images), device=device, **settings)
         # (N, 32, 32, 3) uint8. DALI asks torch for a CUDA stream whenever it is fed a torch
         # tensor, so on the host the images stay numpy.
-        self.images = torch.tensor(images, device=device) if on_gpu else np.asarray(images)
+        self.images = torch.tensor(images, device=device) if on_gpu else images
         self.labels = torch.tensor(labels, dtype=torch.int64, device=device)
         self.pipe = pipeline_def(augment)(
-            train=train,
+            train=self.train,
             device="gpu" if on_gpu else "cpu",
-            # DALI has no bfloat16: it delivers float32 and torch rounds, as in the torch pipeline.
-            half=dtype == torch.float16,
-            batch_size=batch_size,
+            scale=scales_in_dali(device),
+            batch_size=self.batch_size,
             num_threads=num_threads(),
             device_id=device.index if on_gpu else None,
             # Inputs are fed with each run() call, which needs a queue one batch deep.
@@ -99,20 +127,21 @@ class DaliPipeline(PipelineBase):
         on_device = torch.as_tensor(order, device=self.device)
         image_order = on_device if self.device.type == "cuda" else order
         if self.train:
-            dy, dx, flip = shifts_and_flips(self.n, seed=self.seed, epoch=epoch)
-            anchor = np.stack([-dy, -dx], axis=1).astype(np.int32)
-            mirror = flip.astype(np.int32)
+            maps = affine_maps(*shifts_and_flips(self.n, seed=self.seed, epoch=epoch))
         # Outputs come back on torch's stream without a host sync; None means CPU.
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         for start in range(0, len(order), self.batch_size):
             batch = slice(start, start + self.batch_size)
             inputs = {"images": self.images[image_order[batch]]}
             if self.train:
-                inputs.update(anchor=anchor[order[batch]], mirror=mirror[order[batch]])
+                inputs["matrix"] = maps[order[batch]]
             (out,) = self.pipe.run(stream, **inputs)
-            x = torch.from_dlpack(out.as_tensor())
             # (B, 32, 32, 3) contiguous, viewed as (B, 3, 32, 32), is channels_last already.
-            yield x.permute(0, 3, 1, 2).to(self.dtype), self.labels[on_device[batch]]
+            x = torch.from_dlpack(out.as_tensor()).permute(0, 3, 1, 2)
+            # DALI has no bfloat16: it delivers float32 and torch rounds, as in the torch
+            # pipeline; unscaled uint8 is scaled by the torch pipeline's own op.
+            x = x.to(self.dtype) if x.is_floating_point() else x.to(self.dtype).div_(255)
+            yield x, self.labels[on_device[batch]]
 
 
 def build(images: np.ndarray, labels: np.ndarray, **settings) -> DaliPipeline:

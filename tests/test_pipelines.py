@@ -171,7 +171,12 @@ def test_torchvision_workers_change_nothing(data):
 @skip_unless_available("dali")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("train", [True, False])
-def test_dali_and_torch_are_identical(data, dtype, train):
+@pytest.mark.parametrize("scales_in_dali", [True, False], ids=["dali-scales", "torch-scales"])
+def test_dali_and_torch_are_identical(data, dtype, train, scales_in_dali, monkeypatch):
+    from pipelines import dali
+
+    # Either side scales on each device (CUDA leaves it to torch): both must hold here.
+    monkeypatch.setattr(dali, "scales_in_dali", lambda device: scales_in_dali)
     images, labels = data[0][:1500], data[1][:1500]
     kw = {"train": train, "dtype": dtype, "drop_last": False}
     dali, ref = build("dali", images, labels, **kw), build("torch", images, labels, **kw)
