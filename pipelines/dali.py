@@ -1,4 +1,4 @@
-"""NVIDIA DALI: each sample's shift and flip as one DALI operator, fed a batch at a time.
+"""NVIDIA DALI: each sample's shift and flip as one DALI operator, a batch ahead of training.
 
 The epoch's plan is the one every pipeline draws (``pipelines.sampling``), and the scaling to
 [0, 1] divides as the torch pipeline's ``x.to(dtype).div_(255)`` does on the same device (see
@@ -8,6 +8,9 @@ lives on the GPU as a torch tensor; each batch is gathered there and handed to D
 operators without a trip through host memory, and comes back on torch's current stream
 without a host sync. With ``device_id=None`` the same graph runs DALI's CPU operators, which
 is what machines without a GPU (and the tests) use.
+
+DALI works on batch i + 1 while the caller works on batch i: each step collects one batch
+and schedules the next before handing the first over.
 """
 
 from __future__ import annotations
@@ -113,35 +116,75 @@ class DaliPipeline(PipelineBase):
             batch_size=self.batch_size,
             num_threads=num_threads(),
             device_id=device.index if on_gpu else None,
-            # Inputs are fed with each run() call, which needs a queue one batch deep.
+            # Each batch's inputs are fed just before its run is scheduled, which needs an
+            # input queue one batch deep; running ahead is __iter__'s doing.
             prefetch_queue_depth=1,
             # Outputs in fresh buffers that stay valid after the next run, so torch can take
             # them over through DLPack without a copy.
             exec_dynamic=True,
         )
         self.pipe.build()
+        self.scheduled = 0  # runs whose batches nobody has collected yet
+        self.owner: object | None = None  # the epoch (generator) the pipeline works for
+
+    def stream(self) -> torch.cuda.Stream | None:
+        """Torch's current stream, on which DALI copies inputs and delivers outputs; None on
+        the CPU, where outputs are ready when returned."""
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+    def schedule(self, images: np.ndarray | torch.Tensor, maps: np.ndarray | None) -> None:
+        self.pipe.feed_input("images", images, cuda_stream=self.stream())
+        if maps is not None:
+            self.pipe.feed_input("matrix", maps)
+        self.pipe.schedule_run()
+        self.scheduled += 1
+
+    def collect(self) -> torch.Tensor:
+        """The oldest scheduled batch as (B, 3, 32, 32) floats in [0, 1], channels_last."""
+        (out,) = self.pipe.outputs(self.stream())
+        self.scheduled -= 1
+        # (B, 32, 32, 3) contiguous, viewed as (B, 3, 32, 32), is channels_last already.
+        x = torch.from_dlpack(out.as_tensor()).permute(0, 3, 1, 2)
+        if x.is_floating_point():  # scaled by DALI, on the CPU only (see scales_in_dali)
+            # DALI has no bfloat16: it delivers float32 and torch rounds, as in the torch
+            # pipeline.
+            return x.to(self.dtype)
+        # Scaled by the torch pipeline's own op, into torch's memory. DALI's buffer is read
+        # on torch's stream before `out` and `x` let go of it on return, and DALI frees a
+        # buffer in the order of the stream it was handed to, so no later run can reuse it
+        # before that read.
+        return x.to(self.dtype).div_(255)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.next_epoch()
+        owner = self.owner = object()
+        # An epoch left part way (the trainer breaks out when its time is up) leaves its next
+        # batch scheduled; nobody will take it now.
+        while self.scheduled:
+            self.pipe.outputs(self.stream())
+            self.scheduled -= 1
         order = self.indices(epoch)
         on_device = torch.as_tensor(order, device=self.device)
         image_order = on_device if self.device.type == "cuda" else order
+        maps = None
         if self.train:
             maps = affine_maps(*shifts_and_flips(self.n, seed=self.seed, epoch=epoch))
-        # Outputs come back on torch's stream without a host sync; None means CPU.
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        for start in range(0, len(order), self.batch_size):
-            batch = slice(start, start + self.batch_size)
-            inputs = {"images": self.images[image_order[batch]]}
-            if self.train:
-                inputs["matrix"] = maps[order[batch]]
-            (out,) = self.pipe.run(stream, **inputs)
-            # (B, 32, 32, 3) contiguous, viewed as (B, 3, 32, 32), is channels_last already.
-            x = torch.from_dlpack(out.as_tensor()).permute(0, 3, 1, 2)
-            # DALI has no bfloat16: it delivers float32 and torch rounds, as in the torch
-            # pipeline; unscaled uint8 is scaled by the torch pipeline's own op.
-            x = x.to(self.dtype) if x.is_floating_point() else x.to(self.dtype).div_(255)
+        batches = [slice(s, s + self.batch_size) for s in range(0, len(order), self.batch_size)]
+
+        def schedule(batch: slice) -> None:
+            self.schedule(
+                self.images[image_order[batch]], None if maps is None else maps[order[batch]]
+            )
+
+        if batches:
+            schedule(batches[0])
+        for i, batch in enumerate(batches):
+            x = self.collect()
+            if i + 1 < len(batches):
+                schedule(batches[i + 1])
             yield x, self.labels[on_device[batch]]
+            if self.owner is not owner:
+                raise RuntimeError("this DALI pipeline has started another epoch since")
 
 
 def build(images: np.ndarray, labels: np.ndarray, **settings) -> DaliPipeline:

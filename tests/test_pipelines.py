@@ -226,6 +226,48 @@ def test_any_strides_and_read_only_arrays_give_the_same_batches(name, data, tmp_
             assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_an_epoch_left_part_way_changes_no_later_epoch(name, data):
+    images, labels = data[0][:1000], data[1][:1000]
+    left, fresh = (build(name, images, labels, batch_size=128) for _ in range(2))
+    for _ in left:  # the trainer breaks out like this when its time budget runs out
+        break
+    assert left.epoch == 1
+    fresh.epoch = 1
+    xl, yl = epoch(left)
+    xf, yf = epoch(fresh)
+    assert torch.equal(xl, xf) and torch.equal(yl, yf)
+    batches = iter(left)  # left after two batches, then resumed from an earlier epoch
+    next(batches), next(batches)
+    left.epoch = fresh.epoch = 0
+    xl, yl = epoch(left)
+    xf, yf = epoch(fresh)
+    assert torch.equal(xl, xf) and torch.equal(yl, yf)
+
+
+@skip_unless_available("dali")
+def test_dali_runs_the_next_batch_while_the_caller_has_this_one(data):
+    p = build("dali", data[0][:1000], data[1][:1000], batch_size=256, drop_last=False)
+    batches = iter(p)
+    for _ in range(len(p) - 1):
+        next(batches)
+        assert p.scheduled == 1
+    next(batches)
+    assert p.scheduled == 0
+    with pytest.raises(StopIteration):
+        next(batches)
+
+
+@skip_unless_available("dali")
+def test_dali_refuses_an_epoch_overtaken_by_another(data):
+    p = build("dali", data[0][:1000], data[1][:1000], batch_size=256)
+    old = iter(p)
+    next(old)
+    next(iter(p))
+    with pytest.raises(RuntimeError, match="another epoch"):
+        next(old)
+
+
 @skip_unless_available("dali")
 @pytest.mark.parametrize(
     ("cpus", "local_world_size", "threads"),
