@@ -7,14 +7,15 @@ is one epoch, numbered from ``p.epoch`` (settable, for resume), drawn from ``see
 number alone (see ``pipelines.sampling``).
 
 A new pipeline is one module in this package with ``build(images, labels, **settings)``
-(usually a ``pipelines.sampling.Sampler`` subclass), ``unavailable(device)``, the names of
-its own options in ``OPTIONS`` if it has any, and a line in ``MODULES``.
+(usually returning a ``pipelines.sampling.PipelineBase`` subclass), ``unavailable(device)``,
+the names of its own options in ``OPTIONS`` if it has any, and a line in ``MODULES``.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Protocol
 
 import numpy as np
@@ -28,8 +29,6 @@ MODULES = {
     "torch": "pipelines.torch_batched",
     "torchvision": "pipelines.torchvision_loader",
 }
-# Fastest first: what a run picks when none is named.
-PREFERENCE = ("dali", "torch", "torchvision")
 
 
 class Pipeline(Protocol):
@@ -40,7 +39,7 @@ class Pipeline(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-def _module(name: str):
+def _module(name: str) -> ModuleType:
     if name not in MODULES:
         raise UserError(f"unknown pipeline {name!r}; choose from {', '.join(MODULES)}")
     return importlib.import_module(MODULES[name])
@@ -97,6 +96,10 @@ def build_pipeline(
     unknown = sorted(set(options) - set(getattr(module, "OPTIONS", ())))
     if unknown:
         raise UserError(f"pipeline {name!r} has no option {', '.join(unknown)}")
+    # DALI takes densely packed arrays only, and a transposed view (CIFAR-10 is stored planar)
+    # is not one. Copying it once here, which costs nothing for a contiguous array or memory
+    # map, lets every pipeline gather batches from whatever view it is given.
+    images = np.ascontiguousarray(images)
     return module.build(
         images,
         labels,

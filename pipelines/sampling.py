@@ -1,4 +1,5 @@
-"""What every pipeline draws per epoch: the visiting order and each sample's shift and flip.
+"""What every pipeline draws per epoch (the visiting order and each sample's shift and flip),
+and ``PipelineBase``, the base class that hands each epoch its draws.
 
 All draws come from numpy generators seeded by (seed, epoch, stream), so an epoch is
 reproducible from the seed and its number alone, whichever pipeline consumes it, and a
@@ -9,6 +10,7 @@ permutation and takes its own interleaved shard of it.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 MAX_SHIFT = 4  # Pad(4) + RandomCrop(32): shifts of -4..4 on each axis
 ORDER, AUGMENT = 0, 1  # generator streams, so the order never depends on the augmentation
@@ -56,8 +58,9 @@ def shifts_and_flips(n: int, *, seed: int, epoch: int) -> tuple[np.ndarray, ...]
     return dy, dx, flip
 
 
-class Sampler:
-    """What every pipeline shares: its settings, the epoch counter and each epoch's indices.
+class PipelineBase:
+    """The base of every pipeline: its settings, the epoch counter, each epoch's indices and
+    the number of batches per epoch.
 
     ``epoch`` is the number of the next epoch that iterating will produce (set it to resume).
     """
@@ -68,13 +71,13 @@ class Sampler:
         *,
         batch_size: int,
         train: bool,
-        device,
+        device: torch.device,
         seed: int,
-        dtype,
+        dtype: torch.dtype,
         drop_last: bool,
         rank: int,
         world_size: int,
-    ):
+    ) -> None:
         self.n, self.batch_size, self.train, self.device = n, batch_size, train, device
         self.seed, self.dtype, self.drop_last = seed, dtype, drop_last
         self.rank, self.world_size = rank, world_size

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.sampling import MAX_SHIFT, Sampler, shifts_and_flips
+from pipelines.sampling import MAX_SHIFT, PipelineBase, shifts_and_flips
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -23,8 +23,8 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
-class TorchPipeline(Sampler):
-    def __init__(self, images, labels, **settings):
+class TorchPipeline(PipelineBase):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, **settings) -> None:
         super().__init__(len(images), **settings)
         device, train = self.device, self.train
         # Copies: the arrays may be read-only memory maps of the cache.
@@ -62,5 +62,5 @@ class TorchPipeline(Sampler):
             yield x, self.labels[idx]
 
 
-def build(images, labels, **kw) -> TorchPipeline:
+def build(images: np.ndarray, labels: np.ndarray, **kw) -> TorchPipeline:
     return TorchPipeline(images, labels, **kw)

@@ -18,7 +18,7 @@ from torchvision import transforms
 from torchvision.datasets import VisionDataset
 
 from fastmbv1.errors import UserError
-from pipelines.sampling import Sampler, rng
+from pipelines.sampling import PipelineBase, rng
 
 TRANSFORMS = 2  # generator stream beside sampling.ORDER and sampling.AUGMENT
 
@@ -53,8 +53,16 @@ class ArrayDataset(VisionDataset):
         return img, int(self.labels[index])
 
 
-class TorchvisionPipeline(Sampler):
-    def __init__(self, images, labels, *, num_workers, pin_memory, **settings):
+class TorchvisionPipeline(PipelineBase):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        num_workers: int,
+        pin_memory: bool,
+        **settings,
+    ) -> None:
         super().__init__(len(images), **settings)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         train = self.train

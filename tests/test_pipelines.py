@@ -171,7 +171,12 @@ def test_torchvision_workers_change_nothing(data):
 @skip_unless_available("dali")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("train", [True, False])
-def test_dali_and_torch_are_identical(data, dtype, train):
+@pytest.mark.parametrize("scales_in_dali", [True, False], ids=["dali-scales", "torch-scales"])
+def test_dali_and_torch_are_identical(data, dtype, train, scales_in_dali, monkeypatch):
+    from pipelines import dali
+
+    # Either side scales on each device (CUDA leaves it to torch): both must hold here.
+    monkeypatch.setattr(dali, "scales_in_dali", lambda device: scales_in_dali)
     images, labels = data[0][:1500], data[1][:1500]
     kw = {"train": train, "dtype": dtype, "drop_last": False}
     dali, ref = build("dali", images, labels, **kw), build("torch", images, labels, **kw)
@@ -198,3 +203,82 @@ def test_cuda_without_gpu_is_a_user_error(name, data):
     assert unavailable(name, "cuda") is not None
     with pytest.raises(UserError, match="unavailable"):
         build(name, *data, device="cuda")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_any_strides_and_read_only_arrays_give_the_same_batches(name, data, tmp_path):
+    images, labels = np.ascontiguousarray(data[0][:300]), data[1][:300]
+    # CIFAR-10's own layout is planar: NCHW seen as NHWC through a transpose is a strided view,
+    # as torchvision's CIFAR10(...).data and np.concatenate of such views are.
+    planar = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    strided = planar.transpose(0, 2, 3, 1)
+    assert not strided.flags.c_contiguous
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "labels.npy", labels)
+    mapped = [np.load(tmp_path / f"{a}.npy", mmap_mode="r") for a in ("images", "labels")]
+    frozen = images.copy()
+    frozen.setflags(write=False)
+    for train in (True, False):
+        kw = {"batch_size": 128, "train": train, "drop_last": False}
+        x_ref, y_ref = epoch(build(name, images, labels, **kw))
+        for variant in ((strided, labels), mapped, (frozen, labels)):
+            x, y = epoch(build(name, *variant, **kw))
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_epoch_left_part_way_changes_no_later_epoch(name, data):
+    images, labels = data[0][:1000], data[1][:1000]
+    left, fresh = (build(name, images, labels, batch_size=128) for _ in range(2))
+    for _ in left:  # the trainer breaks out like this when its time budget runs out
+        break
+    assert left.epoch == 1
+    fresh.epoch = 1
+    xl, yl = epoch(left)
+    xf, yf = epoch(fresh)
+    assert torch.equal(xl, xf) and torch.equal(yl, yf)
+    batches = iter(left)  # left after two batches, then resumed from an earlier epoch
+    next(batches), next(batches)
+    left.epoch = fresh.epoch = 0
+    xl, yl = epoch(left)
+    xf, yf = epoch(fresh)
+    assert torch.equal(xl, xf) and torch.equal(yl, yf)
+
+
+@skip_unless_available("dali")
+def test_dali_runs_the_next_batch_while_the_caller_has_this_one(data):
+    p = build("dali", data[0][:1000], data[1][:1000], batch_size=256, drop_last=False)
+    batches = iter(p)
+    for _ in range(len(p) - 1):
+        next(batches)
+        assert p.scheduled == 1
+    next(batches)
+    assert p.scheduled == 0
+    with pytest.raises(StopIteration):
+        next(batches)
+
+
+@skip_unless_available("dali")
+def test_dali_refuses_an_epoch_overtaken_by_another(data):
+    p = build("dali", data[0][:1000], data[1][:1000], batch_size=256)
+    old = iter(p)
+    next(old)
+    next(iter(p))
+    with pytest.raises(RuntimeError, match="another epoch"):
+        next(old)
+
+
+@skip_unless_available("dali")
+@pytest.mark.parametrize(
+    ("cpus", "local_world_size", "threads"),
+    [(2, None, 2), (64, None, 4), (16, "8", 2), (2, "4", 1)],
+)
+def test_dali_threads_are_a_share_of_the_cores(monkeypatch, cpus, local_world_size, threads):
+    from pipelines import dali
+
+    monkeypatch.setattr(dali.os, "cpu_count", lambda: cpus)
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    assert dali.num_threads() == threads
