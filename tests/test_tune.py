@@ -13,7 +13,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from fastmbv1.cli import main  # noqa: E402
 from fastmbv1.config import make_config  # noqa: E402
-from fastmbv1.tune import score  # noqa: E402
+from fastmbv1.tune.objective import score  # noqa: E402
 
 # Small and fast: a quarter-width network, 200 training images, a few seconds per trial.
 SPACE = """
@@ -148,7 +148,7 @@ def test_misses_rank_below_every_hit_and_by_distance():
 
 
 def test_reporter_prunes_a_trial_behind_the_median_on_the_time_grid():
-    from fastmbv1.tune import GRID, Reporter
+    from fastmbv1.tune.objective import GRID, Reporter
 
     study = optuna.create_study(
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=GRID // 4)
