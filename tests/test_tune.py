@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -159,9 +160,7 @@ def test_reporter_prunes_a_trial_behind_the_median_on_the_time_grid():
         trial = study.ask()
         reporter = Reporter(trial, target, budget)
         for i, acc in enumerate(accs_every_10s, 1):
-            try:
-                reporter({"test_acc": acc, "train_s_total": 10.0 * i})
-            except optuna.TrialPruned:
+            if reporter({"test_acc": acc, "train_s_total": 10.0 * i}):
                 study.tell(trial, state=TrialState.PRUNED)
                 return i
         reporter.report_until(GRID)
@@ -176,3 +175,25 @@ def test_reporter_prunes_a_trial_behind_the_median_on_the_time_grid():
     assert hit.value == 30.0 and hit.intermediate_values[GRID] == -72
     # At 25 s (step 5) the best known was the 50 % measured at 20 s; at 5 s nothing yet.
     assert hit.intermediate_values[5] == -50 and hit.intermediate_values[1] == 0
+
+
+def test_a_pruned_trial_ends_its_run_cleanly(tmp_path, inputs):
+    from optuna.distributions import FloatDistribution
+
+    from fastmbv1.tune.objective import Objective
+    from fastmbv1.tune.space import Space
+
+    data, _ = inputs
+    settings = {"preset": "cpu", "width": 0.25, "eval_batch_size": 64, "pipeline": "torch"}
+    # A budget that the first epoch leaves room in: only the pruner can end the run there.
+    settings |= {"data": str(data), "budget": 60.0, "target_acc": 99.0, "eval_every": 1}
+    # Every report (minus an accuracy, so at least -100) is above -101: prune at the first.
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=-101.0))
+    space = Space({"lr": FloatDistribution(0.05, 0.5)})
+    study.optimize(Objective(space, settings, None, tmp_path, 99.0, 60.0), n_trials=1)
+
+    assert study.trials[0].state == TrialState.PRUNED
+    run = tmp_path / "trial-0000"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "on_epoch" and summary["epochs_done"] == 1
+    assert (run / "final.pt").exists()

@@ -10,11 +10,13 @@ Objective (minimised), in seconds:
 
 Pruning compares trials on the same clock as the objective: at the end of each epoch a trial
 reports ``-best test accuracy so far`` (lower is better, like the objective, and it can only
-fall) at steps of ``budget / GRID`` training seconds, and ``MedianPruner`` stops it when it is
+fall) at steps of ``budget / GRID`` training seconds, and ``MedianPruner`` prunes it when it is
 worse than the median of the complete trials at that step. Epoch numbers would not do: an
 epoch of width 1.0 at batch 128 takes many times longer than one of width 0.25 at batch 512.
 A complete trial fills its remaining steps with its final accuracy, so that trials which hit
-the target early still count in the median of later steps.
+the target early still count in the median of later steps. To prune, the reporter returns
+True to ``train``, which ends the run as usual (``final.pt``, ``summary.json``); the trial
+is then told pruned.
 """
 
 from __future__ import annotations
@@ -60,16 +62,18 @@ class Reporter:
         self.best = 0.0  # no evaluation yet scores as 0 %
         self.reached_s: float | None = None
         self.step = 0  # last grid step reported
+        self.pruned = False
 
     def report_until(self, step: int) -> None:
         for s in range(self.step + 1, min(step, GRID) + 1):
             self.trial.report(-self.best, s)
         self.step = max(self.step, step)
 
-    def __call__(self, record: dict) -> None:
+    def __call__(self, record: dict) -> bool:
+        """Report the epoch; True (prune: ``train`` stops the run) when it is behind."""
         acc = record["test_acc"]
         if acc is None:
-            return
+            return False
         step = math.ceil(record["train_s_total"] / self.step_s)
         # The steps this epoch ran through only knew the accuracy from before it.
         self.report_until(step - 1)
@@ -77,10 +81,8 @@ class Reporter:
         if self.reached_s is None and acc >= self.target:
             self.reached_s = record["train_s_total"]
         self.report_until(step)
-        if self.reached_s is None and self.trial.should_prune():
-            raise optuna.TrialPruned(
-                f"{self.best:.2f} % after {record['train_s_total']:.1f} s of training"
-            )
+        self.pruned = self.reached_s is None and self.trial.should_prune()
+        return self.pruned
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Objective:
         print(f"\ntrial {trial.number}: {json.dumps(values)}", flush=True)
         reporter = Reporter(trial, self.target, self.budget)
         try:
+            # A pruned run ends like any other (final.pt, summary.json), stopped by on_epoch.
             train(cfg, on_epoch=reporter)
         except Diverged as e:
             # A recipe that blows up is a bad recipe, not a broken study: score what it reached.
@@ -118,7 +121,9 @@ class Objective:
                 f"trial {trial.number} interrupted; run the same fastmbv1 tune command again "
                 "to continue the study"
             ) from None
-        reporter.report_until(GRID)
         trial.set_user_attr("best_acc", reporter.best)
         trial.set_user_attr("reached_s", reporter.reached_s)
+        if reporter.pruned:
+            raise optuna.TrialPruned(f"behind the median at {reporter.best:.2f} %")
+        reporter.report_until(GRID)
         return score(reporter.reached_s, reporter.best, self.target, self.budget)
