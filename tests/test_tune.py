@@ -58,6 +58,14 @@ def tune_args(tmp_path, data, space) -> list[str]:
     ]  # fmt: skip
 
 
+def exit_status(argv: list[str]) -> int:
+    """What the command exits with: main's return value, or argparse's own SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def load(tmp_path) -> optuna.Study:
     storage = f"sqlite:///{(tmp_path / 'out' / 'tune.db').as_posix()}"
     return optuna.load_study(study_name="fastmbv1", storage=storage)
@@ -134,10 +142,72 @@ def test_bad_inputs_exit_2_in_one_line(tmp_path, inputs, capsys, flags, space):
     args = tune_args(tmp_path, *inputs)
     for flag, value in zip(flags[::2], flags[1::2], strict=True):
         args[args.index(flag) + 1] = value
-    assert main(args) == 2
+    assert exit_status(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastmbv1 tune: error: ") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_train_flags_reach_every_trial(tmp_path, inputs):
+    args = tune_args(tmp_path, *inputs)
+    args[args.index("--trials") + 1] = "2"
+    config = tmp_path / "recipe.toml"
+    config.write_text("eval_batch_size = 32\nlabel_smoothing = 0.05\nlr = 9.0\n")
+    # --width beats the space's [fixed] width = 0.25; --config lies below [fixed] (which
+    # says eval_batch_size = 64) and below the searched lr.
+    assert main([*args, "--device", "cpu", "--width", "0.125", "--config", str(config)]) == 0
+    study = load(tmp_path)
+    for n in range(2):
+        cfg = json.loads((tmp_path / "out" / f"trial-{n:04d}" / "config.json").read_text())
+        assert (cfg["device"], cfg["width"], cfg["budget"]) == ("cpu", 0.125, 3.0)
+        assert (cfg["eval_batch_size"], cfg["label_smoothing"]) == (64, 0.05)
+        assert cfg["lr"] == study.trials[n].params["lr"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "0.1"], "--lr 0.1 conflicts with the space file"),
+        (["--batch-size", "32"], "--batch-size 32 conflicts with the space file"),
+        (["--space", None, "--width", "0.5"], "--width 0.5 conflicts with the default space"),
+        (["--budget", "5"], "--budget: each trial's budget is --trial-budget"),
+        (["--eval-every", "2"], "--eval-every: trials evaluate every epoch"),
+        (["--target-acc", None], "fastmbv1 tune needs --target-acc"),
+        (["--target-acc", "101"], "--target-acc is a percentage in (0, 100]"),
+    ],
+)
+def test_flags_the_study_cannot_honour_exit_2_in_one_line(tmp_path, inputs, capsys, flags, message):
+    args = tune_args(tmp_path, *inputs)
+    for flag, value in zip(flags[::2], flags[1::2], strict=True):
+        if flag not in args:
+            args += [flag, value]
+        elif value is None:  # leave the flag out
+            del args[args.index(flag) : args.index(flag) + 2]
+        else:
+            args[args.index(flag) + 1] = value
+    assert exit_status(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmbv1 tune: error: ") and err.count("\n") == 1
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_space_offers_the_pipelines_of_the_configured_device(monkeypatch):
+    import torch
+
+    import pipelines
+    from fastmbv1.tune.space import default_space
+
+    asked = []
+
+    def available(device):
+        asked.append(device)
+        return {"torch": None, "dali": "needs a CUDA GPU"}
+
+    monkeypatch.setattr(pipelines, "available", available)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # "auto" would be cuda
+    assert default_space("cpu").params["pipeline"].choices == ("torch",)
+    assert asked == [torch.device("cpu")]
 
 
 def test_misses_rank_below_every_hit_and_by_distance():

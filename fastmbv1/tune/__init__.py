@@ -6,15 +6,20 @@ and pruning are in ``objective``, the searched fields in ``space``. The study li
 Optuna storage (``study``); ``--trials N`` counts finished (complete or pruned) trials of the
 study, so running the same command again after an interruption runs only the rest. The
 reports (``report``) are written when it ends.
+
+A trial's config, lowest layer first: the preset, ``--config FILE``, the space's ``[fixed]``,
+the flags (the same as ``fastmbv1 train``'s), the tuner's budget and evaluation, the values
+drawn for the trial. A flag for a searched field would be silently replaced, so it is an
+error; ``--config`` is a starting recipe, like a preset, which the search may vary.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
+from typing import Any
 
-from fastmbv1.config import make_config
+from fastmbv1.config import dash, make_config
 from fastmbv1.errors import UserError
 
 try:
@@ -25,50 +30,48 @@ from optuna.trial import TrialState
 
 from fastmbv1.tune.objective import Objective, median_pruner
 from fastmbv1.tune.report import write_reports
-from fastmbv1.tune.space import check_space, default_space, read_space
+from fastmbv1.tune.space import Space, check_space, default_space, read_space
 from fastmbv1.tune.study import fail_orphans, open_study
+
+# Config fields a trial takes from the tuner, so their flags are refused, with the reason.
+TUNER_SET = {
+    "budget": "each trial's budget is --trial-budget",
+    "eval_every": "trials evaluate every epoch: the score and the pruner need each accuracy",
+}
 
 
 def tune(
+    overrides: dict[str, Any],
     *,
-    target_acc: float,
     trial_budget: float,
     trials: int,
     space_file: str | None = None,
+    config_file: str | None = None,
     study_name: str = "fastmbv1",
     storage: str | None = None,
     out: str = "runs/tune",
-    data: str | None = None,
-    preset: str | None = None,
-    seed: int = 0,
 ) -> optuna.Study:
-    """Run the study until it holds ``trials`` finished trials; write the reports to ``out``."""
-    if trials < 1:
-        raise UserError(f"--trials must be >= 1, got {trials}")
-    if not (math.isfinite(trial_budget) and trial_budget > 0):
-        raise UserError(f"--trial-budget must be > 0 seconds, got {trial_budget}")
-    if not 0 < target_acc <= 100:
-        raise UserError(f"--target-acc is a percentage in (0, 100], got {target_acc}")
+    """Run the study until it holds ``trials`` finished trials; write the reports to ``out``.
 
-    space = read_space(space_file) if space_file else default_space("auto")
-    if preset is not None:
-        if "preset" in space.params:
-            raise UserError("--preset conflicts with the [preset] search in the space file")
-        space.fixed["preset"] = preset
-    settings = {
-        **space.fixed,
-        "data": data,
-        "budget": trial_budget,
-        "target_acc": target_acc,
-        "eval_every": 1,
-        "seed": seed,
-    }
+    ``overrides`` are config fields fixed for every trial, as ``fastmbv1 train``'s flags give
+    them; their ``target_acc`` (or ``config_file``'s) is the study's target, their ``seed``
+    also seeds the sampler.
+    """
+    for name, why in TUNER_SET.items():
+        if name in overrides:
+            raise UserError(f"--{dash(name)}: {why}")
+    space = read_space(space_file) if space_file else Space({})
+    settings = {**space.fixed, **overrides, "budget": trial_budget, "eval_every": 1}
+    base = make_config(settings, config_file)
+    if base.target_acc is None:
+        raise UserError("fastmbv1 tune needs --target-acc: it searches for the fastest way there")
+    if not space_file:
+        space = default_space(base.device)
     where = f"space file {space_file}" if space_file else "default space"
-    try:
-        make_config(settings)
-    except UserError as e:
-        raise UserError(f"{where}: [fixed]: {e}") from None
-    check_space(space, settings, None, where)
+    for name, value in overrides.items():
+        if name in space.params:
+            raise UserError(f"--{dash(name)} {value} conflicts with the {where}, which searches it")
+    check_space(space, settings, config_file, where)
 
     root = Path(out)
     try:
@@ -77,7 +80,7 @@ def tune(
         raise UserError(f"--out {root} cannot be created ({e.strerror})") from None
     storage = storage or f"sqlite:///{(root / 'tune.db').as_posix()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(study_name, storage, target_acc, trial_budget, median_pruner())
+    study = open_study(study_name, storage, base.target_acc, trial_budget, median_pruner())
     for n in fail_orphans(study):
         print(f"trial {n} was interrupted (its process is gone): marked failed", flush=True)
 
@@ -86,33 +89,32 @@ def tune(
     # Reseeded by the trials already there, so a restart does not redraw the first ones; a
     # third of the trials (at most Optuna's usual 10) explore at random before TPE steers.
     study.sampler = optuna.samplers.TPESampler(
-        seed=seed + len(study.trials), n_startup_trials=min(10, max(2, trials // 3))
+        seed=base.seed + len(study.trials), n_startup_trials=min(10, max(2, trials // 3))
     )
     if done < trials:
         print(f"study {study_name!r}: {done} of {trials} trials finished, running the rest")
         study.optimize(
-            Objective(space, settings, None, root, target_acc, trial_budget),
+            Objective(space, settings, config_file, root, base.target_acc, trial_budget),
             n_trials=trials - done,
             # Other workers on the same storage also count towards --trials.
             callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished_states)],
         )
     else:
         print(f"study {study_name!r} already holds {done} finished trials (asked for {trials})")
-    write_reports(study, root, target_acc)
+    write_reports(study, root, base.target_acc)
     return study
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """``fastmbv1 tune``; ``overrides`` are the training flags given."""
     tune(
-        target_acc=args.target_acc,
+        overrides,
         trial_budget=args.trial_budget,
         trials=args.trials,
         space_file=args.space,
+        config_file=args.config,
         study_name=args.study,
         storage=args.storage,
         out=args.out,
-        data=args.data,
-        preset=args.preset,
-        seed=args.seed,
     )
     return 0
