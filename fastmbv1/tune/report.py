@@ -10,32 +10,39 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from fastmbv1.errors import one_line
+from fastmbv1.tables import Column, markdown_table, render_table
 
 
-def trial_rows(study: optuna.Study) -> tuple[list[str], list[list[str]]]:
-    names = sorted({p for t in study.trials for p in t.params})
-    header = ["trial", "state", "value", "best acc %", "reached at s", *names]
-
-    def fmt(v: Any) -> str:
-        if v is None:
-            return ""
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
+def trial_table(study: optuna.Study) -> tuple[list[Column], list[dict]]:
+    """One row per trial: its state, score, best accuracy, when it reached the target, params."""
+    distributions = {n: d for t in study.trials for n, d in t.distributions.items()}
+    columns = [
+        Column("trial", "trial", spec="d"),
+        Column("state", "state"),
+        Column("value", "value", spec=".4g"),
+        Column("best acc %", "best_acc", spec=".2f"),
+        Column("reached at s", "reached_s", spec=".1f"),
+        *(
+            Column(n, n, spec=".4g" if isinstance(d, FloatDistribution) else "")
+            for n, d in sorted(distributions.items())
+        ),
+    ]
     rows = [
-        [
-            str(t.number),
-            t.state.name.lower(),
-            fmt(t.value),
-            fmt(t.user_attrs.get("best_acc")),
-            fmt(t.user_attrs.get("reached_s")),
-            *(fmt(t.params.get(n)) for n in names),
-        ]
+        {
+            "trial": t.number,
+            "state": t.state.name.lower(),
+            "value": t.value,
+            "best_acc": t.user_attrs.get("best_acc"),
+            "reached_s": t.user_attrs.get("reached_s"),
+            **t.params,
+        }
         for t in study.trials
     ]
-    return header, rows
+    return columns, rows
 
 
 def toml_value(value: Any) -> str:
@@ -101,16 +108,13 @@ def write_plots(study: optuna.Study, root: Path) -> list[str]:
 
 
 def write_reports(study: optuna.Study, root: Path, target_acc: float) -> None:
-    header, rows = trial_rows(study)
-    table = [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(r) + " |" for r in rows),
-    ]
-    (root / "trials.md").write_text("\n".join(table) + "\n")
-    with open(root / "trials.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    print("\n" + "\n".join(table))
+    columns, rows = trial_table(study)
+    (root / "trials.md").write_text(markdown_table(columns, rows) + "\n")
+    with open(root / "trials.csv", "w", newline="") as f:  # full precision, for analysis
+        writer = csv.DictWriter(f, [c.key for c in columns])
+        writer.writeheader()
+        writer.writerows(rows)
+    print("\n" + render_table(columns, rows))
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         print("no complete trial yet: no best.toml or plots", file=sys.stderr)
         return
