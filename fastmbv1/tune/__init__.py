@@ -34,7 +34,7 @@ from fastmbv1.tune.space import Space, check_space, default_space, read_space
 from fastmbv1.tune.study import fail_orphans, open_study
 
 # Config fields a trial takes from the tuner, so their flags are refused, with the reason.
-TUNER_SET = {
+REFUSED_FLAGS = {
     "budget": "each trial's budget is --trial-budget",
     "eval_every": "trials evaluate every epoch: the score and the pruner need each accuracy",
 }
@@ -57,7 +57,7 @@ def tune(
     them; their ``target_acc`` (or ``config_file``'s) is the study's target, their ``seed``
     also seeds the sampler.
     """
-    for name, why in TUNER_SET.items():
+    for name, why in REFUSED_FLAGS.items():
         if name in overrides:
             raise UserError(f"--{dash(name)}: {why}")
     space = read_space(space_file) if space_file else Space({})

@@ -124,6 +124,6 @@ class Objective:
         trial.set_user_attr("best_acc", reporter.best)
         trial.set_user_attr("reached_s", reporter.reached_s)
         if reporter.pruned:
-            raise optuna.TrialPruned(f"behind the median at {reporter.best:.2f} %")
+            raise optuna.TrialPruned(f"pruned at {reporter.best:.2f} %")
         reporter.report_until(GRID)
         return score(reporter.reached_s, reporter.best, self.target, self.budget)
