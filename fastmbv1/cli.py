@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import fields
 
@@ -29,6 +30,15 @@ A preset sets the recipe; every flag below overrides one of its fields. --preset
 default) takes 'fast' on a CUDA GPU and 'cpu' otherwise; defaults shown as "fast X, cpu Y"
 differ between the two.
 """
+TUNE_DESCRIPTION = """\
+Let Optuna search training recipes for the shortest training time to --target-acc. Each
+trial is a fastmbv1 train run in OUT/trial-NNNN with --budget = --trial-budget and an
+evaluation every epoch; the trial table, best.toml and plots are written to --out.
+
+Every fastmbv1 train flag fixes that setting for all trials, over the space's [fixed] table
+and --config; a flag for a field the space searches is an error. --budget and --eval-every
+are the tuner's own; --seed also seeds the sampler.
+"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,9 +62,27 @@ def shown_default(name: str, default) -> str:
     return f" (default: fast {fast}, cpu {cpu})"
 
 
-def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; unset flags stay out of the namespace (SUPPRESS)."""
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
+def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field but ``skip``; unset flags stay out of the namespace."""
     for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
         kind = field_type(f.name)
         help = f.metadata["help"] + shown_default(f.name, f.default)
         kw = {"default": argparse.SUPPRESS, "help": help.replace("%", "%%")}
@@ -115,7 +143,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from fastmbv1.tune import run
 
-    return run(args)
+    return run(args, config_overrides(args))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -173,13 +201,18 @@ def build_parser() -> Parser:
     p.add_argument("--out", metavar="FILE", help="default: the checkpoint's name, new suffix")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("tune", help="search recipes for the shortest time to an accuracy (Optuna)")
-    p.add_argument("--target-acc", type=float, required=True, metavar="A", help="percent to reach")
-    p.add_argument(
-        "--trial-budget", type=float, required=True, metavar="SECONDS", help="budget per trial"
+    p = sub.add_parser(
+        "tune",
+        help="search recipes for the shortest time to an accuracy (Optuna)",
+        description=TUNE_DESCRIPTION,
+        usage="fastmbv1 tune --target-acc A --trial-budget S --trials N [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--trials", type=int, required=True, metavar="N", help="finished trials the study needs"
+        "--trial-budget", type=seconds, required=True, metavar="S", help="budget of each trial"
+    )
+    p.add_argument(
+        "--trials", type=count, required=True, metavar="N", help="finished trials the study needs"
     )
     p.add_argument("--space", metavar="FILE", help="TOML search space (default: built in)")
     p.add_argument("--study", default="fastmbv1", metavar="NAME", help="study name in the storage")
@@ -187,9 +220,7 @@ def build_parser() -> Parser:
         "--storage", metavar="URL", help="SQLAlchemy URL (default: sqlite:///OUT/tune.db)"
     )
     p.add_argument("--out", default="runs/tune", metavar="DIR", help="trials, best.toml, plots")
-    p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder")
-    p.add_argument("--preset", choices=tuple(PRESETS), help="recipe the trials start from")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampler and training seed")
+    add_config_flags(p, skip=("out",))  # settings for every trial; --out is the study's folder
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("bench", help="measure loaders, the step, an epoch, the budget; report runs")

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from fastmbv1.checkpoint import model_from_record, read_checkpoint
-from fastmbv1.config import make_config
+from fastmbv1.config import make_config, read_toml
 from fastmbv1.errors import UserError
 from fastmbv1.evaluate import evaluate
 from fastmbv1.info import IMAGE_SHAPE, batch_seconds, model_cost
@@ -164,7 +164,9 @@ def format_table(before: dict, after: dict, pruned_acc: float) -> str:
 def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     """Prune the model in ``args.checkpoint``, fine-tune it with ``train``, report the change.
 
-    ``overrides`` are the training flags; the preset defaults to the checkpoint's own.
+    ``overrides`` are the training flags; with ``args.config`` they set the fine-tuning run's
+    config over the preset the checkpoint was trained with (else ``auto``), while the
+    checkpoint decides the network.
     """
     from fastmbv1.train import train  # the trainer pulls in the data pipelines
     from pipelines import build_pipeline
@@ -180,10 +182,10 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     trained_with = stored.get("config") or record.get("meta", {}).get("config") or {}
     model = model_from_record(record, args.checkpoint)
     name, kwargs = record["model"], record["kwargs"]
-    preset = overrides.get("preset", trained_with.get("preset", "cpu"))
+    given = {**(read_toml(args.config) if args.config else {}), **overrides}
     # The trainer takes the network as given; these fields only make config.json say so.
     architecture = {"model": name, **{f: kwargs[f] for f in MODEL_FIELDS if f in kwargs}}
-    cfg = make_config({**overrides, "preset": preset, **architecture}, args.config)
+    cfg = make_config({"preset": trained_with.get("preset", "auto"), **given, **architecture})
 
     pruned, channels = prune_model(
         model, name, kwargs, ratio=args.ratio, target_macs=args.target_macs

@@ -85,6 +85,26 @@ def test_prune_cli_fine_tunes_and_reports(tmp_path, tiny_checkpoint, capsys):
     assert fastmbv1.load(out / "final.pt")(torch.rand(1, 3, 32, 32)).shape == (1, 10)
 
 
+@pytest.mark.parametrize("config, preset", [("", "baseline"), ('preset = "fast"\n', "fast")])
+def test_training_flags_reach_the_fine_tuning_run(tmp_path, monkeypatch, config, preset):
+    """The preset: a flag's, else --config's, else the checkpoint's; flags beat --config."""
+    monkeypatch.setattr(prune, "LATENCY_REPEATS", 1)  # the config is what is checked here
+    name, kwargs = "mobilenet_v1", {"width": 0.25}
+    checkpoint = tmp_path / "trained.pt"
+    meta = {"config": {"preset": "baseline"}}
+    save_model(checkpoint, trained_like(name, **kwargs), name, kwargs, meta=meta)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(config + "lr = 0.3\nepochs = 1\nwidth = 0.5\n")  # the checkpoint: 0.25
+    data = write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
+    out = tmp_path / "out"
+    argv = ["prune", "--checkpoint", str(checkpoint), "--ratio", "0.5", "--config", str(recipe)]
+    argv += ["--device", "cpu", "--lr", "0.05", "--batch-size", "50", "--data", str(data)]
+    assert main([*argv, "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["preset"], cfg["device"], cfg["lr"]) == (preset, "cpu", 0.05)
+    assert (cfg["epochs"], cfg["batch_size"], cfg["width"]) == (1, 50, 0.25)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from fastmbv1.cli import main  # noqa: E402
 from fastmbv1.config import make_config  # noqa: E402
-from fastmbv1.tune import score  # noqa: E402
+from fastmbv1.tune.objective import score  # noqa: E402
 
 # Small and fast: a quarter-width network, 200 training images, a few seconds per trial.
 SPACE = """
@@ -57,6 +58,14 @@ def tune_args(tmp_path, data, space) -> list[str]:
     ]  # fmt: skip
 
 
+def exit_status(argv: list[str]) -> int:
+    """What the command exits with: main's return value, or argparse's own SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def load(tmp_path) -> optuna.Study:
     storage = f"sqlite:///{(tmp_path / 'out' / 'tune.db').as_posix()}"
     return optuna.load_study(study_name="fastmbv1", storage=storage)
@@ -77,7 +86,8 @@ def test_study_writes_best_config_tables_and_plots(tmp_path, inputs, capsys):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "trials.md").read_text().splitlines()) == 2 + 3
     assert (out / "trials.csv").read_text().startswith("trial,state,value")
-    assert "| trial | state | value |" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:3] == ["trial", "state", "value"] for line in printed)
 
     # The same command again has nothing left to run; another target cannot share the study.
     assert main(tune_args(tmp_path, *inputs)) == 0
@@ -133,10 +143,72 @@ def test_bad_inputs_exit_2_in_one_line(tmp_path, inputs, capsys, flags, space):
     args = tune_args(tmp_path, *inputs)
     for flag, value in zip(flags[::2], flags[1::2], strict=True):
         args[args.index(flag) + 1] = value
-    assert main(args) == 2
+    assert exit_status(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastmbv1 tune: error: ") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_train_flags_reach_every_trial(tmp_path, inputs):
+    args = tune_args(tmp_path, *inputs)
+    args[args.index("--trials") + 1] = "2"
+    config = tmp_path / "recipe.toml"
+    config.write_text("eval_batch_size = 32\nlabel_smoothing = 0.05\nlr = 9.0\n")
+    # --width beats the space's [fixed] width = 0.25; --config lies below [fixed] (which
+    # says eval_batch_size = 64) and below the searched lr.
+    assert main([*args, "--device", "cpu", "--width", "0.125", "--config", str(config)]) == 0
+    study = load(tmp_path)
+    for n in range(2):
+        cfg = json.loads((tmp_path / "out" / f"trial-{n:04d}" / "config.json").read_text())
+        assert (cfg["device"], cfg["width"], cfg["budget"]) == ("cpu", 0.125, 3.0)
+        assert (cfg["eval_batch_size"], cfg["label_smoothing"]) == (64, 0.05)
+        assert cfg["lr"] == study.trials[n].params["lr"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "0.1"], "--lr 0.1 conflicts with the space file"),
+        (["--batch-size", "32"], "--batch-size 32 conflicts with the space file"),
+        (["--space", None, "--width", "0.5"], "--width 0.5 conflicts with the default space"),
+        (["--budget", "5"], "--budget: each trial's budget is --trial-budget"),
+        (["--eval-every", "2"], "--eval-every: trials evaluate every epoch"),
+        (["--target-acc", None], "fastmbv1 tune needs --target-acc"),
+        (["--target-acc", "101"], "--target-acc is a percentage in (0, 100]"),
+    ],
+)
+def test_flags_the_study_cannot_honour_exit_2_in_one_line(tmp_path, inputs, capsys, flags, message):
+    args = tune_args(tmp_path, *inputs)
+    for flag, value in zip(flags[::2], flags[1::2], strict=True):
+        if flag not in args:
+            args += [flag, value]
+        elif value is None:  # leave the flag out
+            del args[args.index(flag) : args.index(flag) + 2]
+        else:
+            args[args.index(flag) + 1] = value
+    assert exit_status(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmbv1 tune: error: ") and err.count("\n") == 1
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_space_offers_the_pipelines_of_the_configured_device(monkeypatch):
+    import torch
+
+    import pipelines
+    from fastmbv1.tune.space import default_space
+
+    asked = []
+
+    def available(device):
+        asked.append(device)
+        return {"torch": None, "dali": "needs a CUDA GPU"}
+
+    monkeypatch.setattr(pipelines, "available", available)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # "auto" would be cuda
+    assert default_space("cpu").params["pipeline"].choices == ("torch",)
+    assert asked == [torch.device("cpu")]
 
 
 def test_misses_rank_below_every_hit_and_by_distance():
@@ -148,7 +220,7 @@ def test_misses_rank_below_every_hit_and_by_distance():
 
 
 def test_reporter_prunes_a_trial_behind_the_median_on_the_time_grid():
-    from fastmbv1.tune import GRID, Reporter
+    from fastmbv1.tune.objective import GRID, Reporter
 
     study = optuna.create_study(
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=GRID // 4)
@@ -159,9 +231,7 @@ def test_reporter_prunes_a_trial_behind_the_median_on_the_time_grid():
         trial = study.ask()
         reporter = Reporter(trial, target, budget)
         for i, acc in enumerate(accs_every_10s, 1):
-            try:
-                reporter({"test_acc": acc, "train_s_total": 10.0 * i})
-            except optuna.TrialPruned:
+            if reporter({"test_acc": acc, "train_s_total": 10.0 * i}):
                 study.tell(trial, state=TrialState.PRUNED)
                 return i
         reporter.report_until(GRID)
@@ -176,3 +246,25 @@ def test_reporter_prunes_a_trial_behind_the_median_on_the_time_grid():
     assert hit.value == 30.0 and hit.intermediate_values[GRID] == -72
     # At 25 s (step 5) the best known was the 50 % measured at 20 s; at 5 s nothing yet.
     assert hit.intermediate_values[5] == -50 and hit.intermediate_values[1] == 0
+
+
+def test_a_pruned_trial_ends_its_run_cleanly(tmp_path, inputs):
+    from optuna.distributions import FloatDistribution
+
+    from fastmbv1.tune.objective import Objective
+    from fastmbv1.tune.space import Space
+
+    data, _ = inputs
+    settings = {"preset": "cpu", "width": 0.25, "eval_batch_size": 64, "pipeline": "torch"}
+    # A budget that the first epoch leaves room in: only the pruner can end the run there.
+    settings |= {"data": str(data), "budget": 60.0, "target_acc": 99.0, "eval_every": 1}
+    # Every report (minus an accuracy, so at least -100) is above -101: prune at the first.
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=-101.0))
+    space = Space({"lr": FloatDistribution(0.05, 0.5)})
+    study.optimize(Objective(space, settings, None, tmp_path, 99.0, 60.0), n_trials=1)
+
+    assert study.trials[0].state == TrialState.PRUNED
+    run = tmp_path / "trial-0000"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "on_epoch" and summary["epochs_done"] == 1
+    assert (run / "final.pt").exists()

@@ -1,0 +1,120 @@
+"""``fastmbv1 tune``: let Optuna search training recipes for the shortest time to an accuracy.
+
+Each trial is one real ``train`` run (its own ``OUT/trial-NNNN``) with ``budget`` = the trial
+budget, ``target_acc`` = the target (it stops there) and an evaluation every epoch; its score
+and pruning are in ``objective``, the searched fields in ``space``. The study lives in an
+Optuna storage (``study``); ``--trials N`` counts finished (complete or pruned) trials of the
+study, so running the same command again after an interruption runs only the rest. The
+reports (``report``) are written when it ends.
+
+A trial's config, lowest layer first: the preset, ``--config FILE``, the space's ``[fixed]``,
+the flags (the same as ``fastmbv1 train``'s), the tuner's budget and evaluation, the values
+drawn for the trial. A flag for a searched field would be silently replaced, so it is an
+error; ``--config`` is a starting recipe, like a preset, which the search may vary.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from fastmbv1.config import dash, make_config
+from fastmbv1.errors import UserError
+
+try:
+    import optuna
+except ImportError:  # fastmbv1 runs without the [tune] extra; only this command needs it
+    raise UserError("fastmbv1 tune needs Optuna: pip install 'fastmbv1[tune]'") from None
+from optuna.trial import TrialState
+
+from fastmbv1.tune.objective import Objective, median_pruner
+from fastmbv1.tune.report import write_reports
+from fastmbv1.tune.space import Space, check_space, default_space, read_space
+from fastmbv1.tune.study import fail_orphans, open_study
+
+# Config fields a trial takes from the tuner, so their flags are refused, with the reason.
+REFUSED_FLAGS = {
+    "budget": "each trial's budget is --trial-budget",
+    "eval_every": "trials evaluate every epoch: the score and the pruner need each accuracy",
+}
+
+
+def tune(
+    overrides: dict[str, Any],
+    *,
+    trial_budget: float,
+    trials: int,
+    space_file: str | None = None,
+    config_file: str | None = None,
+    study_name: str = "fastmbv1",
+    storage: str | None = None,
+    out: str = "runs/tune",
+) -> optuna.Study:
+    """Run the study until it holds ``trials`` finished trials; write the reports to ``out``.
+
+    ``overrides`` are config fields fixed for every trial, as ``fastmbv1 train``'s flags give
+    them; their ``target_acc`` (or ``config_file``'s) is the study's target, their ``seed``
+    also seeds the sampler.
+    """
+    for name, why in REFUSED_FLAGS.items():
+        if name in overrides:
+            raise UserError(f"--{dash(name)}: {why}")
+    space = read_space(space_file) if space_file else Space({})
+    settings = {**space.fixed, **overrides, "budget": trial_budget, "eval_every": 1}
+    base = make_config(settings, config_file)
+    if base.target_acc is None:
+        raise UserError("fastmbv1 tune needs --target-acc: it searches for the fastest way there")
+    if not space_file:
+        space = default_space(base.device)
+    where = f"space file {space_file}" if space_file else "default space"
+    for name, value in overrides.items():
+        if name in space.params:
+            raise UserError(f"--{dash(name)} {value} conflicts with the {where}, which searches it")
+    check_space(space, settings, config_file, where)
+
+    root = Path(out)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {root} cannot be created ({e.strerror})") from None
+    storage = storage or f"sqlite:///{(root / 'tune.db').as_posix()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(study_name, storage, base.target_acc, trial_budget, median_pruner())
+    for n in fail_orphans(study):
+        print(f"trial {n} was interrupted (its process is gone): marked failed", flush=True)
+
+    finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished_states))
+    # Reseeded by the trials already there, so a restart does not redraw the first ones; a
+    # third of the trials (at most Optuna's usual 10) explore at random before TPE steers.
+    study.sampler = optuna.samplers.TPESampler(
+        seed=base.seed + len(study.trials), n_startup_trials=min(10, max(2, trials // 3))
+    )
+    if done < trials:
+        print(f"study {study_name!r}: {done} of {trials} trials finished, running the rest")
+        study.optimize(
+            Objective(space, settings, config_file, root, base.target_acc, trial_budget),
+            n_trials=trials - done,
+            # Other workers on the same storage also count towards --trials.
+            callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished_states)],
+        )
+    else:
+        print(f"study {study_name!r} already holds {done} finished trials (asked for {trials})")
+    write_reports(study, root, base.target_acc)
+    return study
+
+
+def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """``fastmbv1 tune``; ``overrides`` are the training flags given."""
+    tune(
+        overrides,
+        trial_budget=args.trial_budget,
+        trials=args.trials,
+        space_file=args.space,
+        config_file=args.config,
+        study_name=args.study,
+        storage=args.storage,
+        out=args.out,
+    )
+    return 0
