@@ -14,6 +14,10 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+
+FULL_SIDE = 32  # CIFAR-10's images
+RESIZE_UNTIL = 0.5  # progressive resizing reaches the full side half way through the schedule
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -123,11 +127,23 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tens
     return x.clone(memory_format=torch.preserve_format).masked_fill_(mask, 0)
 
 
+def side_at(start: int, progress: float) -> int:
+    """Progressive resizing: the image side at ``progress`` through the schedule, growing
+    linearly from ``start`` pixels to the full 32 at ``RESIZE_UNTIL``, by 4 pixels."""
+    if start >= FULL_SIDE:
+        return FULL_SIDE
+    side = start + (FULL_SIDE - start) * min(1.0, progress / RESIZE_UNTIL)
+    return min(FULL_SIDE, int(side) // 4 * 4)
+
+
 def augment_batch(
-    x: torch.Tensor, y: torch.Tensor, cfg, generator: torch.Generator
+    x: torch.Tensor, y: torch.Tensor, cfg, generator: torch.Generator, side: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """A training batch as the recipe ``cfg`` (a TrainConfig) regularises it: cutout, then
-    mixup or cutmix; returns ``mix``'s (x, y_a, y_b, lam)."""
+    """A training batch as the recipe ``cfg`` (a TrainConfig) regularises it: scaled down to
+    ``side`` pixels (progressive resizing), cutout, then mixup or cutmix; returns ``mix``'s
+    (x, y_a, y_b, lam)."""
+    if side < x.shape[-1]:
+        x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
     if not cfg.channels_last:
         x = x.contiguous()
     if cfg.cutout:

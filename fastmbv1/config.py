@@ -63,6 +63,11 @@ class TrainConfig:
     mixup: float = opt(0.0, "mixup alpha (0: off)")
     cutmix: float = opt(0.0, "cutmix alpha (0: off)")
     cutout: int = opt(0, "cutout square side in pixels (0: off)")
+    start_side: int = opt(
+        32,
+        "progressive resizing: train on images this many pixels wide at first, growing "
+        "to 32 half way through the schedule (32: off)",
+    )
     amp: str | None = opt(
         None, "autocast: bf16, fp16 (with grad scaler) or off", choices=("bf16", "fp16", "off")
     )
@@ -89,6 +94,10 @@ class TrainConfig:
     train_limit: int | None = opt(None, "use only the first N training images (quick runs)")
     test_limit: int | None = opt(None, "use only the first N test images (quick runs)")
     seed: int = opt(0, "seed for weights, order and augmentation")
+    profile_steps: int = opt(
+        0, "record N steps of the second epoch with torch.profiler into OUT/trace (0: off)"
+    )
+    tensorboard: bool = opt(False, "also write the metrics to OUT/tb for TensorBoard")
     out: str | None = opt(None, "output folder (default: runs/<timestamp>)")
     data: str | None = opt(None, "CIFAR-10 archive or folder (default: $FASTMBV1_DATA or cache)")
 
@@ -109,6 +118,7 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size"):
             value = getattr(self, name)
             need(value >= 1, f"--{dash(name)} must be >= 1, got {value}")
+        need(self.profile_steps >= 0, f"--profile-steps must be >= 0, got {self.profile_steps}")
         for name in ("epochs", "eval_every", "train_limit", "test_limit"):
             value = getattr(self, name)
             need(value is None or value >= 1, f"--{dash(name)} must be >= 1, got {value}")
@@ -129,6 +139,7 @@ class TrainConfig:
         )
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         need(0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}")
+        need(8 <= self.start_side <= 32, f"--start-side must be in [8, 32], got {self.start_side}")
         need(0 <= self.warmup < 1, f"--warmup must be in [0, 1), got {self.warmup}")
         need(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}")
         need(
@@ -202,7 +213,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # Fields a resumed run may change: they decide when it stops or what it writes, not the recipe.
-SAFE_ON_RESUME = {"budget", "eval_every", "target_acc", "checkpoint_every", "keep", "data"}
+SAFE_ON_RESUME = {
+    "budget", "eval_every", "target_acc", "checkpoint_every", "keep", "data", "profile_steps",
+    "tensorboard",
+}  # fmt: skip
 
 
 def dash(name: str) -> str:
@@ -301,6 +315,13 @@ def resolve(cfg: TrainConfig, device) -> tuple[TrainConfig, dict[str, str]]:
     reason = unavailable(pipeline, device)
     if reason:
         raise UserError(f"pipeline {pipeline!r} cannot run on {device}: {reason}")
+    if cfg.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "--tensorboard needs the tensorboard package: pip install 'fastmbv1[tensorboard]'"
+            ) from None
     if cfg.sync_bn and not cuda:
         raise UserError(
             "--sync-bn needs CUDA GPUs under torchrun (SyncBatchNorm has no CPU kernel)"

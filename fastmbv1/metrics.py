@@ -16,14 +16,19 @@ class RunLog:
     """Appends one JSON line per epoch and tracks when each accuracy threshold was first met.
 
     A progress bar per epoch when stderr is a terminal; one plain line per epoch otherwise.
+    With ``tb``, the same metrics also go to TensorBoard event files in ``out/tb``.
     """
 
     def __init__(
-        self, out: Path, *, budget: float, records: list[dict] | None = None, write: bool = True
+        self, out: Path, *, records: list[dict] | None = None, write: bool = True, tb: bool = False
     ):
         self.path = out / "metrics.jsonl"
-        self.budget = budget
         self.write = write  # False on ranks other than 0: keep the records, write nothing
+        self.tb = None
+        if tb and write:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(out / "tb")
         self.records: list[dict] = []
         self.tta: dict[str, dict | None] = {str(t): None for t in THRESHOLDS}
         self.interactive = write and sys.stderr.isatty()
@@ -59,6 +64,34 @@ class RunLog:
                     }
         if self.write and not quiet:
             print(format_record(record), flush=True)
+        if self.tb is not None:
+            self.tensorboard(record)
+
+    def tensorboard(self, r: dict) -> None:
+        """One epoch's scalars, by epoch: what metrics.jsonl holds, and the data-wait share."""
+        scalars = {
+            "lr": r["lr"],
+            "loss/train": r["train_loss"],
+            "accuracy/train": r["train_acc"],
+            "accuracy/test": r["test_acc"],
+            "speed/images_per_s": r["images_per_s"],
+            "time/data_wait_share": r["data_wait_s"] / max(r["train_s"], 1e-9),
+            "time/eval_s": r["eval_s"],
+            "time/wall_s": r["wall_s"],
+        }
+        for tag, value in scalars.items():
+            if value is not None:
+                self.tb.add_scalar(tag, value, r["epoch"])
+
+    def close(self, summary: dict) -> None:
+        """Mark the time to each accuracy reached (wall seconds, at its epoch) and close."""
+        if self.tb is None:
+            return
+        for t, hit in summary["time_to_accuracy"].items():
+            if hit is not None:
+                self.tb.add_scalar(f"time_to_accuracy/{t}%_wall_s", hit["wall_s"], hit["epoch"])
+        self.tb.add_text("summary", f"```\n{json.dumps(summary, indent=2)}\n```")
+        self.tb.close()
 
     def start(self, config: dict, resumed_after: int | None = None) -> None:
         """Say what runs, and why the machine-dependent choices went as they did; write
@@ -69,6 +102,8 @@ class RunLog:
             print(f"{name} {because}", file=sys.stderr, flush=True)
         print("config:", json.dumps(config), flush=True)
         write_json(self.path.parent / "config.json", config)
+        if self.tb is not None:
+            self.tb.add_text("config", f"```\n{json.dumps(config, indent=2)}\n```")
         if resumed_after is not None:
             print(f"resuming {self.path.parent} after epoch {resumed_after}", flush=True)
 

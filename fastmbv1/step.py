@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 
 from fastmbv1 import augment
 from fastmbv1.checkpoint import model_info
@@ -138,16 +139,18 @@ def train_step(
 
     Returns the loss and the number of predictions equal to ``y_a``, both on the device.
     """
-    with autocast(run.device, run.cfg.amp):
+    with record_function("forward"), autocast(run.device, run.cfg.amp):
         logits = run.model_for_step(x)
         loss = augment.mixed_loss(run.criterion, logits, y_a, y_b, lam)
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.step(run.optimizer)
-    if run.scaler.is_enabled():  # an fp16 overflow skips the step; count it where it is known
-        found_inf = sum(run.scaler._found_inf_per_device(run.optimizer).values())
-        run.skipped_steps += found_inf.to(torch.int64)
-    run.scaler.update()
-    if run.ema is not None:
-        run.ema.update()
+    with record_function("backward"):
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+    with record_function("optimizer step"):
+        run.scaler.step(run.optimizer)
+        if run.scaler.is_enabled():  # an fp16 overflow skips the step: count it where known
+            found_inf = sum(run.scaler._found_inf_per_device(run.optimizer).values())
+            run.skipped_steps += found_inf.to(torch.int64)
+        run.scaler.update()
+        if run.ema is not None:
+            run.ema.update()
     return loss.detach(), (logits.argmax(1) == y_a).sum()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from fastmbv1 import augment, distributed
 from fastmbv1.checkpoint import (
@@ -40,6 +41,7 @@ from fastmbv1.evaluate import evaluate
 from fastmbv1.fit import fit_epochs
 from fastmbv1.machine import device_name, peak_memory, pick_device, sync, versions
 from fastmbv1.metrics import RunLog, format_summary, write_json
+from fastmbv1.profile import StepTrace
 from fastmbv1.schedule import lr_factor
 from fastmbv1.state import RunState, Totals
 from fastmbv1.step import Run, build_run, set_lr, train_step
@@ -131,12 +133,13 @@ def train_epoch(
     signals: Signals,
     log: RunLog,
     totals: Totals,
-    *,
     warm_up: Callable[[], None] | None = None,
+    trace: StepTrace | None = None,
 ) -> Epoch:
     """Train the epoch after ``totals.epochs_done``, until the clock or a signal stops it.
 
-    ``warm_up`` runs after the run's very first step (a compiled run compiles more there).
+    ``warm_up`` runs after the run's very first step (a compiled run compiles more there);
+    ``trace`` records the epoch's first ``trace.steps`` steps.
     """
     cfg, device = run.cfg, run.device
     epoch, first_step, n = totals.epochs_done, totals.steps, len(batches)
@@ -157,14 +160,22 @@ def train_epoch(
             stop = "signal" if signalled else "budget"
             signals.received = signals.received or "a signal on another rank"
             break
+        if i == 0:  # progressive resizing: one image side for the whole epoch
+            side = augment.side_at(cfg.start_side, progress)
+        if trace is not None and i == 0:
+            trace.start()
+        elif trace is not None and i == trace.steps and trace.running:
+            trace.report()
         lrs.append(
             cfg.lr * lr_factor(cfg.schedule, progress, epoch, warmup=cfg.warmup, decay=cfg.lr_decay)
         )
         set_lr(run, lrs[-1])
         t = time.perf_counter()
-        x, y = next(it)
+        with record_function("data wait"):
+            x, y = next(it)
         data_wait += time.perf_counter() - t
-        x, y_a, y_b, lam = augment.augment_batch(x, y, cfg, gen)
+        with record_function("augment"):
+            x, y_a, y_b, lam = augment.augment_batch(x, y, cfg, gen, side)
         t = time.perf_counter()
         losses[i], hits = train_step(run, x, y_a, y_b, lam)
         correct += hits
@@ -192,6 +203,8 @@ def train_epoch(
                 loss=f"{losses[i].item():.3f}", budget_left=f"{cfg.budget - clock.wall():.0f}s"
             )
     bar.close()
+    if trace is not None and trace.running:  # the epoch ended before its steps were recorded
+        trace.report()
     steps = len(lrs)
     sync(device)
     skipped = int(run.skipped_steps) if run.scaler.is_enabled() else 0  # once an epoch
@@ -211,13 +224,23 @@ def train_epoch(
     )
 
 
-def evaluate_run(run: Run, batches: Pipeline, world: World) -> float:
-    """Test accuracy (percent) of the model as it is saved; each rank scores its own slice of
-    the test set and the counts are summed, so the accuracy is exact."""
+def evaluate_run(
+    run: Run, batches: Pipeline, world: World, clock: BudgetClock, totals: Totals
+) -> tuple[float, float]:
+    """Test accuracy (percent) of the model as it is saved, and the seconds it took (told to
+    the clock and counted). Each rank scores its own slice of the test set and the counts
+    are summed, so the accuracy is exact."""
+    start = time.perf_counter()
     world.share_buffers(run.shipped)
-    counts = evaluate(run.model_for_eval, batches, run.device, run.cfg.amp, run.cfg.channels_last)
+    with record_function("evaluation"):
+        counts = evaluate(
+            run.model_for_eval, batches, run.device, run.cfg.amp, run.cfg.channels_last
+        )
     correct, total = world.sum(list(counts), run.device)
-    return 100.0 * correct / total
+    seconds = time.perf_counter() - start
+    clock.measured_eval(seconds)
+    totals.eval_s += seconds
+    return 100.0 * correct / total, seconds
 
 
 def starting_model(
@@ -251,7 +274,8 @@ def end_of_epoch(
     else:  # as often as keeps the evaluations within EVAL_SHARE of the time used
         due = totals.eval_s + clock.eval_reserve() <= EVAL_SHARE * clock.wall()
     no_room = not clock.fits_a_step(after=clock.eval_reserve() if due else 0.0)
-    no_room, signalled = world.max_over_ranks(no_room, bool(signals.received))
+    # Every rank must make the same choice: an evaluation is a collective operation.
+    no_room, signalled, due = world.max_over_ranks(no_room, bool(signals.received), due)
     if signalled:  # a signal during the epoch's last step, here or on another rank
         signals.received = signals.received or "a signal on another rank"
     stop = e.stop or ("signal" if signalled else None)
@@ -259,7 +283,7 @@ def end_of_epoch(
         stop = "epochs"
     if stop is None and no_room:
         stop = "budget"
-    return stop, due or stop is not None
+    return stop, bool(due) or stop is not None
 
 
 def epoch_record(
@@ -322,7 +346,7 @@ def train(
     out = prepare_out(cfg, resume, overwrite, write=world.main)
     state = RunState.from_dict(latest_training_state(out)[0]) if resume else None
     totals = state.totals if state else Totals()
-    log = RunLog(out, budget=cfg.budget, records=state and state.metrics, write=world.main)
+    log = RunLog(out, records=state and state.metrics, write=world.main, tb=cfg.tensorboard)
     log.start({**cfg.to_dict(), WHY: why}, resumed_after=state and totals.epochs_done)
     seed_everything(cfg.seed)
     run = build_run(cfg, device, world, **starting_model(cfg, state, model, model_kwargs))
@@ -341,6 +365,8 @@ def train(
         state = RunState.capture(run, totals, log.records)
         return save_training_state(out, state.to_dict(), cfg.keep) if world.main else None
 
+    # --profile-steps: the second epoch, when the first has compiled and warmed everything up.
+    trace = cfg.profile_steps and world.main and StepTrace(out / "trace", device, cfg.profile_steps)
     stop, saved, every = None, None, cfg.checkpoint_every
     with graceful_interrupts() as signals:
         train_pipe.epoch = totals.epochs_done
@@ -350,7 +376,8 @@ def train(
             # run replays the whole epoch exactly rather than skipping its unfinished part.
             snapshot = RunState.capture(run, totals, log.records) if world.main else None
             first = warm_up if cfg.compile and totals.steps == 0 else None
-            e = train_epoch(run, train_pipe, clock, world, signals, log, totals, warm_up=first)
+            second = trace if trace and totals.epochs_done == 1 else None
+            e = train_epoch(run, train_pipe, clock, world, signals, log, totals, first, second)
             if e.stop == "diverged":
                 raise Diverged(e.note)
             if e.stop == "signal" and e.steps < steps:
@@ -359,13 +386,9 @@ def train(
                 raise interrupted(signals, saved, out, when)
             totals.add(e)
             stop, evaluate_now = end_of_epoch(e, cfg, totals, clock, world, signals)
-            test_acc, eval_s = None, 0.0
-            if evaluate_now:
-                t = time.perf_counter()
-                test_acc = evaluate_run(run, test_pipe, world)
-                eval_s = time.perf_counter() - t
-                clock.measured_eval(eval_s)
-                totals.eval_s += eval_s
+            test_acc, eval_s = (
+                evaluate_run(run, test_pipe, world, clock, totals) if evaluate_now else (None, 0.0)
+            )
             totals.wall_s = clock.wall()
             log.add(record := epoch_record(e, totals, test_acc, eval_s, world, steps))
             if on_epoch is not None and on_epoch(record):
@@ -407,6 +430,7 @@ def finish(
         meta = {"config": run.cfg.to_dict(), "test_acc": final_acc}
         save_model(out / "final.pt", run.shipped, run.name, run.kwargs, meta=meta)
         write_json(out / "summary.json", summary)
+        log.close(summary)
         print(format_summary(summary), flush=True)
         print(f"saved {out / 'final.pt'}", flush=True)
     world.barrier()

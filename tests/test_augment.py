@@ -118,3 +118,21 @@ def test_cutout_and_mixing_keep_the_batch_layout(layout):
     for mixup, cutmix in ((1.0, 0.0), (0.0, 1.0)):
         xm = mix(x, torch.arange(8), mixup=mixup, cutmix=cutmix, generator=gen(7))[0]
         assert xm.is_contiguous(memory_format=layout)
+
+
+def test_progressive_resizing_grows_to_full_size_half_way():
+    from fastmbv1.augment import augment_batch, side_at
+    from fastmbv1.config import make_config
+
+    assert [side_at(16, p) for p in (0.0, 0.1, 0.25, 0.4, 0.5, 0.9)] == [
+        16,
+        19 // 4 * 4,
+        24,
+        28,
+        32,
+        32,
+    ]
+    assert side_at(32, 0.0) == 32
+    x, y = batch()
+    small = augment_batch(x, y, make_config({"preset": "cpu"}), gen(8), side=24)[0]
+    assert small.shape == (8, 3, 24, 24)

@@ -14,7 +14,6 @@ from conftest import tiny_batches, tiny_config, write_archive
 import fastmbv1
 from fastmbv1 import step
 from fastmbv1 import train as train_module
-from fastmbv1.config import make_config
 from fastmbv1.train import train
 
 
@@ -96,44 +95,13 @@ def test_a_backend_that_cannot_compile_falls_back_to_eager(tmp_path, data, monke
     assert json.loads((tmp_path / "run" / "config.json").read_text())["compile"] is False
 
 
-def rank_main(rank, world, port, data, out, cache):
-    import os
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        FASTMBV1_CACHE=cache,
-    )
-    torch.set_num_threads(1)
-    from fastmbv1 import distributed
-
-    cfg = make_config(
-        dict(
-            preset="cpu",
-            data=data,
-            out=out,
-            width=0.25,
-            epochs=1,
-            batch_size=32,
-            eval_batch_size=20,
-            pipeline="torch",
-            compile=True,
-        )
-    )
-    result = train(cfg)
-    torch.save(result.model.state_dict(), f"{out}.rank{rank}.pt")
-    distributed.shutdown()
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_train_compiled_in_step(tmp_path, data):
-    from test_distributed import free_port
+    from test_distributed import free_port, rank_main
 
     out = tmp_path / "run"
-    args = (2, free_port(), str(data), str(out), str(tmp_path / "cache"))
+    fields = {"epochs": 1, "compile": True}
+    args = (2, free_port(), str(data), str(out), str(tmp_path / "cache"), fields)
     mp.spawn(rank_main, args=args, nprocs=2, join=True)
     w0, w1 = (torch.load(f"{out}.rank{r}.pt") for r in (0, 1))
     for k in w0:

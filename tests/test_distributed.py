@@ -48,7 +48,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_main(rank, world, port, data, out, cache):
+def rank_main(rank, world, port, data, out, cache, fields=None):
+    """One torchrun-like rank: train a tiny run (``fields`` override it), save its weights."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -72,6 +73,7 @@ def rank_main(rank, world, port, data, out, cache):
             "batch_size": 32,
             "pipeline": "torch",
             "eval_batch_size": 50,
+            **(fields or {}),
         }
     )
     result = train(cfg)

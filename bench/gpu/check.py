@@ -21,12 +21,15 @@ from fastmbv1.bench.cli import BENCHES, document, write_document
 from fastmbv1.bench.report import report
 from fastmbv1.cli import build_parser
 from fastmbv1.machine import pick_device
+from fastmbv1.step import compile_problem
 
 # Seconds kept for the training run's own start (imports, data) and its final save.
 TRAIN_MARGIN_S = 30
 
 
-def plan(device: str, data: list[str], quick: bool) -> list[tuple[str, float, list[str]]]:
+def plan(
+    device: str, data: list[str], quick: bool, out: Path, compiles: bool
+) -> list[tuple[str, float, list[str]]]:
     """(phase, seconds, ``fastmbv1 bench`` arguments), most telling measurements first."""
     size = ["--images", "512"] if quick else []
     cores = os.cpu_count()
@@ -56,10 +59,11 @@ def plan(device: str, data: list[str], quick: bool) -> list[tuple[str, float, li
         ("step", 30, [*step, "--compile", "off"]),
         ("step-compile", 110, [*step, "--compile", "on"]),
         ("epoch", 70, ["epoch", "--device", device, *data, *size, "--preset", "fast",
-                       "--pipelines", "torch", "dali", f"torchvision:num_workers={cores}"]),
+                       "--pipelines", "torch", "dali", f"torchvision:num_workers={cores}",
+                       "--trace", f"{out}/traces"]),
     ]  # fmt: skip
-    # Compiling on a CPU takes minutes: a dry run leaves it out.
-    return [p for p in phases if not (quick and p[0] == "step-compile")]
+    # Compiling on a CPU takes minutes: a dry run leaves it out, as does a failed probe.
+    return [p for p in phases if (compiles and not quick) or p[0] != "step-compile"]
 
 
 def run_phase(name: str, argv: list[str], deadline: float, out: Path) -> None:
@@ -114,9 +118,13 @@ def main() -> None:
     has_data = bool(args.data) and Path(args.data).exists()
     # Without the data set the bench phases still measure on random images; training can't.
     data = ["--data", args.data] if has_data else ["--synthetic"]
-    phases = plan(args.device, data, args.quick)
-    write_document(document(shlex.join(sys.argv), pick_device(args.device),
-                            [{"data": args.data if has_data else None,
+    # First of all, whether torch.compile works here at all (a C compiler for Triton...).
+    device = pick_device(args.device)
+    problem = compile_problem(device)
+    print(f"compile probe: {problem or 'ok'}", flush=True)
+    phases = plan(args.device, data, args.quick, out, problem is None)
+    write_document(document(shlex.join(sys.argv), device,
+                            [{"data": args.data if has_data else None, "compile_problem": problem,
                               "plan": [shlex.join(argv) for _, _, argv in phases]}]),
                    out / "env.json")  # fmt: skip
     deadline = start

@@ -40,6 +40,8 @@ examples:
 """
 # Below this share of an epoch spent waiting for batches, data loading no longer limits.
 DATA_BOUND_SHARE = 0.05
+# Steps a --trace records: enough to see the step's pattern, few enough to open quickly.
+TRACE_STEPS = 5
 
 
 @dataclass
@@ -124,6 +126,15 @@ def bench_loaders(args: argparse.Namespace, device) -> Table:
     return Table(columns, rows())
 
 
+def step_trace(args: argparse.Namespace, device, *label: str):
+    """A StepTrace into ``--trace``'s folder, one subfolder per measured row; None without."""
+    if not getattr(args, "trace", None):
+        return None
+    from fastmbv1.profile import StepTrace
+
+    return StepTrace(Path(args.trace) / "-".join(filter(None, label)), device, TRACE_STEPS)
+
+
 def bench_step(args: argparse.Namespace, device) -> Table:
     from fastmbv1.bench.measure import measure_step
     from fastmbv1.config import make_config
@@ -148,7 +159,16 @@ def bench_step(args: argparse.Namespace, device) -> Table:
         )
         for model, width, cl, amp, comp in grid
     ]
-    rows = (measure_step(c, device, steps=args.steps, warmup=args.warmup) for c in configs)
+    rows = (
+        measure_step(
+            c,
+            device,
+            steps=args.steps,
+            warmup=args.warmup,
+            trace=step_trace(args, device, c.model, f"{c.width:g}", c.amp, "compiled" * c.compile),
+        )
+        for c in configs
+    )
     columns = [
         Column("model", "model", 16),
         Column("width", "width", 5, ".2f"),
@@ -179,7 +199,8 @@ def bench_epoch(args: argparse.Namespace, device) -> Table:
                 yield {"pipeline": name, **options, "note": f"skipped: {reason}"}
             else:
                 run = replace(cfg, pipeline=name, **options)
-                yield profile_epoch(run, data.train_images, data.train_labels, device)
+                trace = step_trace(args, device, cfg.preset, name, *map(str, options.values()))
+                yield profile_epoch(run, data.train_images, data.train_labels, device, trace)
 
     def verdict(rows: list[dict]) -> str:
         fed = [
@@ -308,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
         rows = print_rows(table.columns, table.rows)
         if table.footer:
             print(table.footer(rows))
+        print_traces(rows, device)
     doc = document(shlex.join(sys.argv), device, rows)
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -325,6 +347,15 @@ def run(args: argparse.Namespace) -> int:
             save(fig, picture)
             print(f"saved {picture}", file=sys.stderr)
     return 0
+
+
+def print_traces(rows: list[dict], device) -> None:
+    from fastmbv1.profile import format_top_ops
+
+    for row in rows:
+        if "trace" in row:
+            print(f"\n{row['trace']}: operators by their own time")
+            print(format_top_ops(row["top_ops"], device))
 
 
 def run_plot(args: argparse.Namespace) -> int:
@@ -417,23 +448,28 @@ def measurement_flags(p: argparse.ArgumentParser, data: bool = True) -> None:
         )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``bench`` subcommands, on the ``fastmbv1 bench`` parser."""
-    parser.description = DESCRIPTION
-    parser.epilog = EXAMPLES
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    sub = parser.add_subparsers(
-        dest="bench", required=True, metavar="WHAT", parser_class=type(parser)
-    )
-    pipelines_help = (
-        "pipelines to measure, with integer options (default: every pipeline, and "
-        "torchvision with one worker per core)"
+PIPELINES_HELP = (
+    "pipelines to measure, with integer options (default: every pipeline, and "
+    "torchvision with one worker per core)"
+)
+
+
+def trace_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trace",
+        metavar="DIR",
+        help="also record a few steps with torch.profiler: one trace per row in DIR (open it "
+        "in Perfetto, chrome://tracing or TensorBoard), top operators printed",
     )
 
-    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=summary, description=description)
 
+def command(sub, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=description)
+
+
+def add_loaders(sub) -> None:
     p = command(
+        sub,
         "loaders",
         "images/s each data pipeline delivers, full epochs",
         "Time full training epochs of each data pipeline alone (no model) at each batch "
@@ -441,7 +477,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "are timed for the work they really do.",
     )
     measurement_flags(p)
-    p.add_argument("--pipelines", nargs="+", metavar="NAME[:key=int,...]", help=pipelines_help)
+    p.add_argument("--pipelines", nargs="+", metavar="NAME[:key=int,...]", help=PIPELINES_HELP)
     p.add_argument(
         "--batch-sizes",
         nargs="+",
@@ -453,7 +489,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--epochs", type=int, default=1, metavar="N", help="epochs per measurement (default: 1)"
     )
 
+
+def add_step(sub) -> None:
     p = command(
+        sub,
         "step",
         "images/s of the training step alone, data on the device",
         "Time the training step alone (forward, backward, optimiser step) on one batch "
@@ -509,8 +548,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="untimed steps after the first, before timing (default: 3)",
     )
+    trace_flag(p)
 
+
+def add_epoch(sub) -> None:
     p = command(
+        sub,
         "epoch",
         "one epoch per pipeline split into data wait and compute",
         "Train one real epoch of a preset with each pipeline and split its time into "
@@ -524,9 +567,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model and recipe, as fastmbv1 train runs it on this device (default: auto, "
         "which is fast on a CUDA GPU and cpu otherwise)",
     )
-    p.add_argument("--pipelines", nargs="+", metavar="NAME[:num_workers=N]", help=pipelines_help)
+    p.add_argument("--pipelines", nargs="+", metavar="NAME[:num_workers=N]", help=PIPELINES_HELP)
+    trace_flag(p)
 
+
+def add_budget(sub) -> None:
     p = command(
+        sub,
         "budget",
         "epochs of each preset that fit into a time budget",
         "Time one epoch and one evaluation of each preset (scaled to the full 50,000 / "
@@ -551,7 +598,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="budgets in seconds (default: 3600)",
     )
 
+
+def add_report(sub) -> None:
     p = command(
+        sub,
         "report",
         "plot and tabulate test accuracy against wall-clock time",
         "Draw test accuracy against wall-clock seconds for fastmbv1 train run folders "
@@ -594,7 +644,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="device of launched runs (default: auto)",
     )
 
+
+def add_plot(sub) -> None:
     p = command(
+        sub,
         "plot",
         "draw the chart of saved result files again, without measuring",
         "Draw each result file written by --save (or --json) as --plot would have drawn "
@@ -606,3 +659,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="the picture, for one result file (default: beside each file, as .png)",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommands, on the ``fastmbv1 bench`` parser."""
+    parser.description = DESCRIPTION
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub = parser.add_subparsers(
+        dest="bench", required=True, metavar="WHAT", parser_class=type(parser)
+    )
+    add_loaders(sub)
+    add_step(sub)
+    add_epoch(sub)
+    add_budget(sub)
+    add_report(sub)
+    add_plot(sub)

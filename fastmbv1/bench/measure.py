@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from fastmbv1.augment import augment_batch
 from fastmbv1.config import TrainConfig
@@ -20,6 +21,7 @@ from fastmbv1.data import pipeline_options, recipe_pipeline
 from fastmbv1.errors import UserError
 from fastmbv1.evaluate import batch_dtype, evaluate
 from fastmbv1.machine import sync
+from fastmbv1.profile import StepTrace
 from fastmbv1.step import build_run, train_step
 from fastmbv1.train import EVAL_SHARE
 from pipelines import build_pipeline
@@ -77,9 +79,15 @@ def measure_loader(
     start = time.perf_counter()
     for _ in range(epochs):
         for x, _y in pipeline:
-            # A reduction on the device makes every batch exist there, however lazy or
-            # asynchronous the pipeline is; .item() below waits for the last one.
-            total += x.sum(dtype=torch.float32)
+            if device.type == "cuda":
+                # A reduction on the device makes every batch exist there, however
+                # asynchronous the pipeline is; .item() below waits for the last one.
+                total += x.sum(dtype=torch.float32)
+            else:
+                # A CPU batch is complete when handed over; reading one value shows it is.
+                # A whole-batch reduction would time torch's two threads (contended by the
+                # loader's own) rather than the loader.
+                x[-1, -1, -1, -1].item()
             count += len(x)
     total.item()
     seconds = time.perf_counter() - start
@@ -123,19 +131,36 @@ def describe(cfg: TrainConfig, device: torch.device) -> dict:
     }
 
 
+def traced(trace: StepTrace | None, fn: Callable[[], object]) -> dict:
+    """Run ``fn`` under ``trace`` (if any): the trace's path and top operators, for a row."""
+    if trace is None:
+        return {}
+    trace.start()
+    fn()
+    path = trace.stop()
+    return {"trace": str(path), "top_ops": trace.top_ops()}
+
+
 def measure_step(
-    cfg: TrainConfig, device: torch.device, *, steps: int = 20, warmup: int = 3
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    steps: int = 20,
+    warmup: int = 3,
+    trace: StepTrace | None = None,
 ) -> dict:
     """Images/s of the training step alone, on one batch already on the device.
 
     ``first_step_s`` includes compiling when ``cfg.compile``; ``compile_s`` is what it took
-    beyond a steady step.
+    beyond a steady step. With ``trace``, ``trace.steps`` more steps are recorded after the
+    timed ones.
     """
     run = build_run(cfg, device)
     x, y = random_batch(cfg, device)
     first = timed(lambda: train_step(run, x, y, y, 1.0), device)
     timed(lambda: train_step(run, x, y, y, 1.0), device, warmup)  # allocator, cuDNN, lazy init
     step_s = timed(lambda: train_step(run, x, y, y, 1.0), device, steps) / steps
+    recorded = traced(trace, lambda: [train_step(run, x, y, y, 1.0) for _ in range(trace.steps)])
     return {
         **describe(cfg, device),
         "steps": steps,
@@ -143,11 +168,16 @@ def measure_step(
         "images_per_s": cfg.batch_size / step_s,
         "first_step_s": first,
         "compile_s": first - step_s if cfg.compile else None,
+        **recorded,
     }
 
 
 def profile_epoch(
-    cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, device: torch.device
+    cfg: TrainConfig,
+    images: np.ndarray,
+    labels: np.ndarray,
+    device: torch.device,
+    trace: StepTrace | None = None,
 ) -> dict:
     """One training epoch of ``cfg`` split into waiting for batches and computing on them.
 
@@ -155,6 +185,8 @@ def profile_epoch(
     out of the epoch. Synchronising after each batch and each step makes the split honest
     on CUDA, at the price of any overlap between the two, so ``epoch_s`` is an upper bound.
     Batches are regularised (cutout, mixup) as the trainer does, as part of the compute.
+    With ``trace``, the epoch's first ``trace.steps`` steps and an evaluation of the last
+    batch are recorded after it.
     """
     start = time.perf_counter()
     pipe = recipe_pipeline(cfg, images, labels, device, train=True, batch_size=cfg.batch_size)
@@ -172,15 +204,31 @@ def profile_epoch(
     start = time.perf_counter()
     for _ in range(len(pipe)):
         t = time.perf_counter()
-        x, y = next(batches)
-        sync(device)
+        with record_function("data wait"):
+            x, y = next(batches)
+            sync(device)
         t_data = time.perf_counter()
-        train_step(run, *augment_batch(x, y, cfg, gen))
+        with record_function("augment"):
+            batch = augment_batch(x, y, cfg, gen)
+        train_step(run, *batch)
         sync(device)
         wait += t_data - t
         compute += time.perf_counter() - t_data
         seen += len(y)
     epoch_s = time.perf_counter() - start
+
+    def steps_and_an_evaluation() -> None:
+        batches = iter(pipe)
+        for _ in range(min(trace.steps, len(pipe))):
+            with record_function("data wait"):
+                x, y = next(batches)
+            with record_function("augment"):
+                batch = augment_batch(x, y, cfg, gen)
+            train_step(run, *batch)
+        with record_function("evaluation"):
+            evaluate(run.model_for_eval, [(x, y)], device, cfg.amp, cfg.channels_last)
+
+    recorded = traced(trace, steps_and_an_evaluation)
     return {
         "preset": cfg.preset,
         "pipeline": cfg.pipeline,
@@ -194,6 +242,7 @@ def profile_epoch(
         "compute_s": compute,
         "data_share": wait / epoch_s,
         "images_per_s": seen / epoch_s,
+        **recorded,
     }
 
 
