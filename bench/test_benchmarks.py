@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmbv1.bench.measure import (
+from fastmbv1.config import make_config, resolve
+from fastmbv1.machine import pick_device
+from fastmbv1.measure.timings import (
     load_data,
     measure_loader,
     measure_step,
     profile_epoch,
     project_budget,
 )
-from fastmbv1.config import make_config, resolve
-from fastmbv1.machine import pick_device
 from pipelines import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ import math
 import sys
 from dataclasses import fields
 
-from fastmbv1.bench.cli import add_arguments as add_bench_arguments
 from fastmbv1.config import PRESETS, TrainConfig, dash, field_type
 from fastmbv1.errors import FastError, UserError
+from fastmbv1.measure.cli import add_arguments as add_bench_arguments
 
 DESCRIPTION = """\
 Train MobileNetV1 on CIFAR-10 against a wall-clock budget, and show where the time goes.
@@ -147,7 +147,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fastmbv1.bench.cli import run
+    from fastmbv1.measure.cli import run
 
     return run(args)
 

@@ -34,7 +34,7 @@ def fit_epochs(
     ``start``: when the run's clock started (``time.perf_counter``); ``steps``: training steps
     per epoch; ``n_test``: test images (the final evaluation must fit too).
     """
-    from fastmbv1.bench.measure import measure_step
+    from fastmbv1.measure.timings import measure_step
 
     per_rank = replace(cfg, batch_size=split_batch(cfg.batch_size, world))
     speed = measure_step(per_rank, device, steps=TIMED_STEPS, warmup=1)["images_per_s"]

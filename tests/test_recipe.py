@@ -54,7 +54,7 @@ def test_auto_never_reaches_a_saved_config_and_resume_keeps_the_resolved_one(
 def test_epochs_fit_the_budget_at_the_measured_speed(tmp_path, data, monkeypatch, capsys):
     speeds = iter([400.0, 100.0])  # images/s: a fast machine, then a four times slower one
     monkeypatch.setattr(
-        "fastmbv1.bench.measure.measure_step",
+        "fastmbv1.measure.timings.measure_step",
         lambda *a, **k: {"images_per_s": next(speeds)},
     )
     epochs = []
@@ -74,7 +74,7 @@ def test_epochs_fit_the_budget_at_the_measured_speed(tmp_path, data, monkeypatch
 
 def test_fit_counts_what_is_left_of_the_budget(monkeypatch):
     monkeypatch.setattr(
-        "fastmbv1.bench.measure.measure_step", lambda *a, **k: {"images_per_s": 1000.0}
+        "fastmbv1.measure.timings.measure_step", lambda *a, **k: {"images_per_s": 1000.0}
     )
     from fastmbv1.distributed import World
 

@@ -10,8 +10,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from fastmbv1.bench.plots import figure, save
 from fastmbv1.errors import UserError
+from fastmbv1.measure.plots import figure, save
 from fastmbv1.metrics import THRESHOLDS
 from fastmbv1.tables import Column, markdown_table
 

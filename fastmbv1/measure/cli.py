@@ -84,13 +84,13 @@ def preset_config(name: str, device):
 
 
 def data_for(args: argparse.Namespace):
-    from fastmbv1.bench.measure import load_data
+    from fastmbv1.measure.timings import load_data
 
     return load_data(args.data, args.images, args.synthetic)
 
 
 def bench_loaders(args: argparse.Namespace, device) -> Table:
-    from fastmbv1.bench.measure import measure_loader
+    from fastmbv1.measure.timings import measure_loader
 
     specs = pipeline_specs(args, device)
     batch_sizes = args.batch_sizes or sorted(
@@ -136,8 +136,8 @@ def step_trace(args: argparse.Namespace, device, *label: str):
 
 
 def bench_step(args: argparse.Namespace, device) -> Table:
-    from fastmbv1.bench.measure import measure_step
     from fastmbv1.config import make_config
+    from fastmbv1.measure.timings import measure_step
     from fastmbv1.models import MODELS
 
     compiles = args.compile or (["off", "on"] if device.type == "cuda" else ["off"])
@@ -184,7 +184,7 @@ def bench_step(args: argparse.Namespace, device) -> Table:
 
 
 def bench_epoch(args: argparse.Namespace, device) -> Table:
-    from fastmbv1.bench.measure import profile_epoch
+    from fastmbv1.measure.timings import profile_epoch
 
     cfg = preset_config(args.preset, device)
     specs = pipeline_specs(args, device)
@@ -230,7 +230,7 @@ def bench_epoch(args: argparse.Namespace, device) -> Table:
 
 
 def bench_budget(args: argparse.Namespace, device) -> Table:
-    from fastmbv1.bench.measure import original_budget, project_budget
+    from fastmbv1.measure.timings import original_budget, project_budget
 
     budgets = tuple(args.budget)
     configs = [preset_config(p, device) for p in args.presets]
@@ -314,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "plot":
         return run_plot(args)
     if args.plot:
-        from fastmbv1.bench.plots import check_picture_path
+        from fastmbv1.measure.plots import check_picture_path
 
         check_picture_path(args.plot)  # before measuring: a picture must not cost a rerun
     from fastmbv1.machine import device_name, pick_device, versions
@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         if args.plot:  # the picture goes beside the saved file too
             pictures.append(path.with_suffix(".png"))
     if pictures:
-        from fastmbv1.bench.plots import PLOTS, save
+        from fastmbv1.measure.plots import PLOTS, save
 
         fig = PLOTS[args.bench](doc)
         for picture in pictures:
@@ -360,7 +360,7 @@ def print_traces(rows: list[dict], device) -> None:
 
 def run_plot(args: argparse.Namespace) -> int:
     """Draw saved result files; all are read and drawn before the first picture is written."""
-    from fastmbv1.bench.plots import PLOTS, check_picture_path, read_result, save
+    from fastmbv1.measure.plots import PLOTS, check_picture_path, read_result, save
 
     if args.out and len(args.files) > 1:
         raise UserError("--out names one picture: give it one result file")
@@ -376,8 +376,8 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from fastmbv1.bench.plots import agg_canvas
-    from fastmbv1.bench.report import launch, markdown, read_run, report
+    from fastmbv1.measure.plots import agg_canvas
+    from fastmbv1.measure.report import launch, markdown, read_run, report
 
     agg_canvas()  # matplotlib is there, before any training starts
     for run_dir in args.runs:
