@@ -76,7 +76,7 @@ class TrainConfig:
     ema: float = opt(
         0.0, "decay per step of an average of the weights that is evaluated and saved (0: off)"
     )
-    tta: bool = opt(False, "evaluate and save the model averaging each image with its mirror")
+    tta: bool = opt(True, "evaluate and save the model averaging each image with its mirror")
     budget: float = opt(3600.0, "wall-clock seconds for the whole run, compile and eval included")
     target_acc: float | None = opt(None, "stop once the test accuracy reaches this (percent)")
     eval_every: int | None = opt(
@@ -188,6 +188,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "amp": "off",
         "compile": False,
         "channels_last": False,
+        "tta": False,
     },
     # The original project's baseline, field for field (../shared/reference/facts.md).
     "baseline": {
@@ -208,6 +209,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "amp": "off",
         "compile": False,
         "channels_last": False,
+        "tta": False,
     },
 }
 

@@ -32,7 +32,7 @@ from fastmbv1.tables import Column, render_table
 MAX_RATIO = 0.95
 TARGET_STEPS = 38
 # The architecture comes from the checkpoint; these flags would describe a different network.
-MODEL_FIELDS = ("model", "width", "normalize", "dropout")
+MODEL_FIELDS = ("model", "width", "normalize", "dropout", "tta")
 LATENCY_REPEATS = 20
 
 
