@@ -41,6 +41,10 @@ are the tuner's own; --seed also seeds the sampler.
 """
 
 
+DEVICES = ("auto", "cuda", "cpu")
+DEVICE_HELP = "auto (a CUDA GPU if there is one), cuda or cpu (default: auto)"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag or value in one line, exit status 2, no usage dump."""
 
@@ -178,26 +182,42 @@ def build_parser() -> Parser:
     p.add_argument("--overwrite", action="store_true", help="reuse an --out folder holding a run")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="print the test accuracy of a saved model (writes nothing)")
+    p = sub.add_parser(
+        "eval",
+        help="print the test accuracy of a saved model (writes nothing)",
+        description="Load a model as fastmbv1.load does and score it on the 10,000 test images.",
+    )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="final.pt or a checkpoint")
-    p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder (default: cache)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("info", help="parameters, MACs, file size, latency and throughput")
+    p = sub.add_parser(
+        "info",
+        help="parameters, MACs, file size, latency and throughput",
+        description="What a model costs: parameters, multiply-accumulates per image, bytes on "
+        "disk, batch-1 latency and batch throughput on --device.",
+    )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", metavar="NAME", help="registered model, freshly initialised")
     which.add_argument("--checkpoint", metavar="PATH", help="a saved model or checkpoint")
     p.add_argument("--width", type=float, metavar="W", help="width multiplier (default 1.0)")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--repeats", type=int, default=20, metavar="N", help="timed passes")
-    p.add_argument("--batch-size", type=int, default=512, metavar="B", help="throughput batch")
+    p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+    p.add_argument("--repeats", type=int, default=20, metavar="N", help="timed passes (default 20)")
+    p.add_argument(
+        "--batch-size", type=int, default=512, metavar="B", help="throughput batch (default 512)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("export", help="write a saved model as ONNX or TorchScript")
+    p = sub.add_parser(
+        "export",
+        help="write a saved model as ONNX or TorchScript",
+        description="Write a saved model (normalisation and test-time flips included) as an "
+        "ONNX or TorchScript file taking float (N, 3, 32, 32) RGB in [0, 1], any N.",
+    )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="final.pt or a checkpoint")
-    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="file kind")
     p.add_argument("--out", metavar="FILE", help="default: the checkpoint's name, new suffix")
     p.set_defaults(func=cmd_export)
 
@@ -227,7 +247,14 @@ def build_parser() -> Parser:
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("prune", help="remove channels (Torch-Pruning), fine-tune, compare")
+    p = sub.add_parser(
+        "prune",
+        help="remove channels (Torch-Pruning), fine-tune, compare",
+        description="Remove whole channels from a trained model (Torch-Pruning), fine-tune it "
+        "with the trainer (every train flag applies; --preset defaults to the checkpoint's) "
+        "and compare accuracy, parameters, MACs and latency before and after.",
+        usage="fastmbv1 prune --checkpoint PATH (--ratio R | --target-macs M) [train options]",
+    )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="final.pt or a checkpoint")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=float, metavar="R", help="fraction of channels to remove")
