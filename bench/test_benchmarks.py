@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fastmbv1.config import make_config, resolve
+from fastmbv1.fit import narrowest
 from fastmbv1.machine import pick_device
 from fastmbv1.measure.timings import (
     load_data,
@@ -45,7 +46,7 @@ def data():
 
 def preset(**fields):
     cfg = make_config({"preset": PRESET, "device": DEVICE.type, **fields})
-    return resolve(cfg, DEVICE)[0]
+    return narrowest(resolve(cfg, DEVICE)[0])
 
 
 def skip_unavailable(name: str) -> None:

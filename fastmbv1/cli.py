@@ -251,15 +251,16 @@ def build_parser() -> Parser:
         "prune",
         help="remove channels (Torch-Pruning), fine-tune, compare",
         description="Remove whole channels from a trained model (Torch-Pruning), fine-tune it "
-        "with the trainer (every train flag applies; --preset defaults to the checkpoint's) "
-        "and compare accuracy, parameters, MACs and latency before and after.",
+        "with the trainer (every train flag applies; --preset defaults to auto, or to the "
+        "checkpoint's if baseline or custom) and compare accuracy, parameters, MACs and "
+        "latency before and after.",
         usage="fastmbv1 prune --checkpoint PATH (--ratio R | --target-macs M) [train options]",
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="final.pt or a checkpoint")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=float, metavar="R", help="fraction of channels to remove")
     how.add_argument("--target-macs", type=float, metavar="M", help="prune to <= M MACs/image")
-    add_config_flags(p)  # the fine-tuning run; --preset defaults to the checkpoint's
+    add_config_flags(p)  # the fine-tuning run
     p.add_argument("--overwrite", action="store_true", help="reuse an --out folder holding a run")
     p.set_defaults(func=cmd_prune)
     return parser

@@ -35,7 +35,9 @@ class TrainConfig:
         "auto", "recipe: auto (fast on a CUDA GPU, else cpu), fast, cpu, baseline or custom"
     )
     model: str = opt("mobilenet_v1", "network, by registry name")
-    width: float = opt(1.0, "width multiplier for every layer's channels")
+    width: float | None = opt(
+        1.0, "width multiplier for every layer's channels; auto: chosen with the epochs (fit.py)"
+    )
     normalize: bool = opt(True, "standardise inputs inside the model (off in the baseline)")
     dropout: float = opt(0.0, "dropout before the classifier")
     pipeline: str | None = opt(
@@ -114,7 +116,10 @@ class TrainConfig:
         )
         for name in ("width", "budget", "lr"):
             value = getattr(self, name)
-            need(math.isfinite(value) and value > 0, f"--{dash(name)} must be > 0, got {value}")
+            need(
+                (value is None and name == "width") or (math.isfinite(value) and value > 0),
+                f"--{dash(name)} must be > 0, got {value}",
+            )
         for name in ("batch_size", "eval_batch_size"):
             value = getattr(self, name)
             need(value >= 1, f"--{dash(name)} must be >= 1, got {value}")
@@ -164,9 +169,10 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # GPU-oriented default: Nesterov SGD, OneCycle, label smoothing, big batches.
     "fast": {},
-    # The same recipe sized for a 2-core CPU and minutes: quarter width (about 3x the images/s
-    # of half width here), smaller batches for more steps in the few epochs that fit.
-    "cpu": {"width": 0.25, "batch_size": 128, "lr": 0.2, "epochs": None, "budget": 600.0},
+    # The same recipe sized for a 2-core CPU and minutes: half or quarter width and as many
+    # epochs as the budget fits at the speed measured at start (fit.py), smaller batches for
+    # more steps in the few epochs that fit.
+    "cpu": {"width": None, "batch_size": 128, "lr": 0.2, "epochs": None, "budget": 600.0},
     # The original project's CustomMobileNet recipe, field for field (facts.md).
     "custom": {
         "model": "custom_mobilenet",
@@ -348,6 +354,11 @@ def resolve(cfg: TrainConfig, device) -> tuple[TrainConfig, dict[str, str]]:
         if problem:  # e.g. no C compiler for Inductor: train eager rather than not at all
             filled["compile"] = False
             why["compile"] = f"off: torch.compile failed on a tiny probe ({problem}); eager"
+    if cfg.width is None and cfg.epochs is not None:
+        from fastmbv1.fit import narrowest
+
+        filled["width"] = narrowest(cfg).width
+        why["width"] = f"{filled['width']:g}: --epochs is given, so the budget does not choose it"
     return replace(cfg, **filled), why
 
 

@@ -82,6 +82,7 @@ class RunLog:
         for tag, value in scalars.items():
             if value is not None:
                 self.tb.add_scalar(tag, value, r["epoch"])
+        self.tb.flush()  # a run that diverges or is killed keeps every epoch logged so far
 
     def close(self, summary: dict) -> None:
         """Mark the time to each accuracy reached (wall seconds, at its epoch) and close."""
@@ -93,11 +94,18 @@ class RunLog:
         self.tb.add_text("summary", f"```\n{json.dumps(summary, indent=2)}\n```")
         self.tb.close()
 
-    def start(self, config: dict, resumed_after: int | None = None) -> None:
+    def start(self, config: dict, resumed_after: int | None = None) -> dict[str, str]:
         """Say what runs, and why the machine-dependent choices went as they did; write
-        ``config.json``. ``config`` is the resolved config with its ``why`` notes."""
+        ``config.json``. ``config`` is the resolved config with its ``why`` notes; returns
+        them, with those of the run's start kept when it is resumed."""
+        saved = self.path.parent / "config.json"
+        if resumed_after is not None and saved.is_file():  # the start's reasons still hold
+            config = {
+                **config,
+                "why": {**json.loads(saved.read_text()).get("why", {}), **config["why"]},
+            }
         if not self.write:
-            return
+            return config["why"]
         for name, because in config.get("why", {}).items():
             print(f"{name} {because}", file=sys.stderr, flush=True)
         print("config:", json.dumps(config), flush=True)
@@ -106,6 +114,7 @@ class RunLog:
             self.tb.add_text("config", f"```\n{json.dumps(config, indent=2)}\n```")
         if resumed_after is not None:
             print(f"resuming {self.path.parent} after epoch {resumed_after}", flush=True)
+        return config["why"]
 
 
 def format_record(r: dict) -> str:

@@ -165,8 +165,8 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     """Prune the model in ``args.checkpoint``, fine-tune it with ``train``, report the change.
 
     ``overrides`` are the training flags; with ``args.config`` they set the fine-tuning run's
-    config over the preset the checkpoint was trained with (else ``auto``), while the
-    checkpoint decides the network.
+    config over the checkpoint's preset if it is an original recipe (else ``auto``), while
+    the checkpoint decides the network.
     """
     from fastmbv1.train import train  # the trainer pulls in the data pipelines
     from pipelines import build_pipeline
@@ -185,7 +185,11 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     given = {**(read_toml(args.config) if args.config else {}), **overrides}
     # The trainer takes the network as given; these fields only make config.json say so.
     architecture = {"model": name, **{f: kwargs[f] for f in MODEL_FIELDS if f in kwargs}}
-    cfg = make_config({"preset": trained_with.get("preset", "auto"), **given, **architecture})
+    # The original recipes carry over; the fast and cpu ones are what auto picks for a device,
+    # and this machine's device may not be the one that trained the checkpoint.
+    preset = trained_with.get("preset")
+    preset = preset if preset in ("baseline", "custom") else "auto"
+    cfg = make_config({"preset": preset, **given, **architecture})
 
     pruned, channels = prune_model(
         model, name, kwargs, ratio=args.ratio, target_macs=args.target_macs

@@ -22,6 +22,7 @@ from fastmbv1.distributed import World
 from fastmbv1.ema import WeightAverage
 from fastmbv1.errors import one_line
 from fastmbv1.evaluate import autocast
+from fastmbv1.fit import narrowest
 from fastmbv1.models import build_model
 
 # torch.compile's backend; the tests swap in "eager", which compiles in moments.
@@ -77,7 +78,9 @@ def build_run(
     world = world or World()
     if model is None:
         name = cfg.model
-        kwargs = dict(width=cfg.width, normalize=cfg.normalize, dropout=cfg.dropout, tta=cfg.tta)
+        # A width the budget has not chosen (a preset built without a run) is the narrowest.
+        width = narrowest(cfg).width
+        kwargs = dict(width=width, normalize=cfg.normalize, dropout=cfg.dropout, tta=cfg.tta)
         model = build_model(name, **kwargs)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).train()

@@ -204,6 +204,7 @@ def train_epoch(
             )
     bar.close()
     if trace is not None and trace.running:  # the epoch ended before its steps were recorded
+        trace.steps = len(lrs)
         trace.report()
     steps = len(lrs)
     sync(device)
@@ -342,12 +343,13 @@ def train(
     cfg, why = resolve(cfg, device)
     train_pipe, test_pipe, n_test = run_pipelines(cfg, device, world)  # checks before writing
     if cfg.epochs is None:  # as many as fit into the budget at the speed measured now
-        cfg, why["epochs"] = fit_epochs(cfg, device, world, start, len(train_pipe), n_test)
+        cfg, fitted = fit_epochs(cfg, device, world, start, len(train_pipe), n_test)
+        why.update(fitted)
     out = prepare_out(cfg, resume, overwrite, write=world.main)
     state = RunState.from_dict(latest_training_state(out)[0]) if resume else None
     totals = state.totals if state else Totals()
     log = RunLog(out, records=state and state.metrics, write=world.main, tb=cfg.tensorboard)
-    log.start({**cfg.to_dict(), WHY: why}, resumed_after=state and totals.epochs_done)
+    why = log.start({**cfg.to_dict(), WHY: why}, resumed_after=state and totals.epochs_done)
     seed_everything(cfg.seed)
     run = build_run(cfg, device, world, **starting_model(cfg, state, model, model_kwargs))
     if state is not None:
@@ -365,7 +367,8 @@ def train(
         state = RunState.capture(run, totals, log.records)
         return save_training_state(out, state.to_dict(), cfg.keep) if world.main else None
 
-    # --profile-steps: the second epoch, when the first has compiled and warmed everything up.
+    # --profile-steps: the second epoch, when the first has compiled and warmed everything up
+    # (the first, in a run of one epoch).
     trace = cfg.profile_steps and world.main and StepTrace(out / "trace", device, cfg.profile_steps)
     stop, saved, every = None, None, cfg.checkpoint_every
     with graceful_interrupts() as signals:
@@ -376,7 +379,7 @@ def train(
             # run replays the whole epoch exactly rather than skipping its unfinished part.
             snapshot = RunState.capture(run, totals, log.records) if world.main else None
             first = warm_up if cfg.compile and totals.steps == 0 else None
-            second = trace if trace and totals.epochs_done == 1 else None
+            second = trace if trace and totals.epochs_done == min(1, cfg.epochs - 1) else None
             e = train_epoch(run, train_pipe, clock, world, signals, log, totals, first, second)
             if e.stop == "diverged":
                 raise Diverged(e.note)

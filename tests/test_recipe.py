@@ -3,6 +3,7 @@ device, a run sized to its budget, evaluations that cost little, and a reported 
 that is the saved model's own."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from conftest import tiny_batches, tiny_config, write_archive
 
 import fastmbv1
 from fastmbv1 import fit
-from fastmbv1.config import make_config, resume_config
+from fastmbv1.config import TrainConfig, make_config, resolve, resume_config
 from fastmbv1.evaluate import evaluate_checkpoint
 from fastmbv1.train import train
 
@@ -78,13 +79,48 @@ def test_fit_counts_what_is_left_of_the_budget(monkeypatch):
     )
     from fastmbv1.distributed import World
 
-    cfg = make_config({"preset": "cpu", "budget": 60.0, "tta": False})
+    cfg = make_config({"preset": "cpu", "width": 0.25, "budget": 60.0, "tta": False})
     now = fit.time.perf_counter()
     # 50 steps of 128 images: 6.4 s an epoch (6.72 s with the overhead).
     full, why = fit.fit_epochs(cfg, torch.device("cpu"), World(), now, 50, 10_000)
     late, _ = fit.fit_epochs(cfg, torch.device("cpu"), World(), now - 30.0, 50, 10_000)
     assert full.epochs == 8 and late.epochs == 4
-    assert "1,000 images/s" in why
+    assert "1,000 images/s" in why["epochs"] and "width" not in why  # --width was given
+    assert full.width == late.width == 0.25
+
+
+def test_the_budget_picks_the_widest_width_that_fits_enough_epochs(monkeypatch):
+    from fastmbv1.distributed import World
+
+    timed = []
+
+    def measure_step(cfg, device, **kw):  # half width at 40 % of quarter width's speed
+        timed.append(cfg.width)
+        return {"images_per_s": 400.0 if cfg.width == 0.5 else 1000.0}
+
+    monkeypatch.setattr("fastmbv1.measure.timings.measure_step", measure_step)
+    cfg = make_config({"preset": "cpu", "tta": False})
+    assert cfg.width is None and cfg.epochs is None
+    now = fit.time.perf_counter()
+
+    def fitted(budget: float) -> TrainConfig:
+        timed.clear()
+        out, why = fit.fit_epochs(
+            replace(cfg, budget=budget), torch.device("cpu"), World(), now, 50, 10_000
+        )
+        assert why["width"].startswith(f"{out.width:g}:")
+        assert f"width {out.width:g}" in why["epochs"]
+        return out
+
+    # 16.8 s an epoch at half width: 600 s fit 35 of them; 100 s only 5, so quarter width.
+    assert (fitted(600.0).width, timed) == (0.5, [0.5])
+    small = fitted(100.0)
+    assert (small.width, timed) == (0.25, [0.5, 0.25]) and small.epochs == 14
+    # Given epochs leave nothing to weigh the width against: the narrowest, and why.
+    given, why = resolve(make_config({"preset": "cpu", "epochs": 5}), torch.device("cpu"))
+    assert given.width == 0.25 and "--epochs" in why["width"]
+    # The bench times a preset as a run would start it, at the narrowest automatic width.
+    assert fit.narrowest(cfg).width == 0.25 and fit.narrowest(replace(cfg, width=1.0)).width == 1.0
 
 
 def test_evaluations_stay_within_two_percent_of_the_time_and_the_last_is_always_made():
@@ -142,3 +178,16 @@ def test_tta_averages_an_image_and_its_mirror_in_eval_mode_only():
         torch.testing.assert_close(model(x), (plain + mirrored) / 2)
         torch.testing.assert_close(model(x.flip(3)), model(x))  # a mirror gets the same answer
     assert model.train()(x).shape == (4, 10)  # training sees single images
+
+
+def test_a_resumed_run_keeps_the_reasons_for_its_fitted_recipe(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(
+        "fastmbv1.measure.timings.measure_step", lambda *a, **k: {"images_per_s": 400.0}
+    )
+    cfg = tiny_config(tmp_path, data, epochs=None, budget=30.0, checkpoint_every=1)
+    train(cfg, on_epoch=lambda record: record["epoch"] == 1)  # stopped after one epoch
+    run = tmp_path / "run"
+    fitted = json.loads((run / "config.json").read_text())["why"]["epochs"]
+    train(resume_config(run, {}), resume=str(run))
+    assert json.loads((run / "config.json").read_text())["why"]["epochs"] == fitted
+    assert json.loads((run / "summary.json").read_text())["why"]["epochs"] == fitted

@@ -77,10 +77,12 @@ def pipeline_specs(args: argparse.Namespace, device) -> list[tuple[str, dict, st
 
 
 def preset_config(name: str, device):
-    """Preset ``name`` as ``fastmbv1 train`` would run it on ``device``."""
+    """Preset ``name`` as ``fastmbv1 train`` would run it on ``device`` (a width that a run
+    would fit to its budget at its narrowest)."""
     from fastmbv1.config import make_config, resolve
+    from fastmbv1.fit import narrowest
 
-    return resolve(make_config({"preset": name, "device": device.type}), device)[0]
+    return narrowest(resolve(make_config({"preset": name, "device": device.type}), device)[0])
 
 
 def data_for(args: argparse.Namespace):
