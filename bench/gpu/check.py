@@ -83,24 +83,38 @@ def run_phase(name: str, argv: list[str], deadline: float, out: Path) -> None:
             return
 
 
-def train_run(device: str, data: str | None, seconds: float, out: Path, quick: bool) -> None:
-    """One default-preset ``fastmbv1 train`` (quick: a tiny one) into ``out/train-fast``."""
-    run_dir = out / "train-fast"
-    argv = [sys.executable, "-m", "fastmbv1", "train", "--device", device, "--overwrite",
+def train_run(
+    device: str, data: str, seconds: float, out: Path, quick: bool, name: str, ddp: bool
+) -> None:
+    """One default-preset ``fastmbv1 train`` (quick: a tiny one) into ``out/name``; with
+    ``ddp``, the same under ``torchrun`` with one rank, so DDP's cost per step shows."""
+    run_dir = out / name
+    launch = [sys.executable, "-m"]
+    if ddp:
+        launch += ["torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m"]
+    argv = [*launch, "fastmbv1", "train", "--device", device, "--overwrite", "--data", data,
             "--budget", f"{seconds:.0f}", "--out", str(run_dir)]  # fmt: skip
-    if data:
-        argv += ["--data", data]
     if quick:
         argv += ["--preset", "cpu", "--width", "0.25", "--train-limit", "1024",
                  "--test-limit", "500", "--epochs", "2"]  # fmt: skip
-    print("train:", shlex.join(argv), flush=True)
-    with open(out / "train-fast.log", "w") as log:
+    print(f"{name}:", shlex.join(argv), flush=True)
+    with open(out / f"{name}.log", "w") as log:
         try:
             subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=seconds + 120)
         except subprocess.TimeoutExpired:
-            print(f"train: killed after {seconds + 120:.0f} s", flush=True)
-    if (run_dir / "metrics.jsonl").is_file():
-        report([run_dir], out)
+            print(f"{name}: killed after {seconds + 120:.0f} s", flush=True)
+
+
+def compare_ddp(out: Path, names: list[str]) -> None:
+    """``ddp.json``: the median images/s of each run's epochs after its first (which
+    compiles), so a step with DDP reads against one without."""
+    result = {}
+    for name in names:
+        path = out / name / "metrics.jsonl"
+        speeds = sorted(json.loads(line)["images_per_s"] for line in path.open().readlines()[1:])
+        result[name] = speeds[len(speeds) // 2] if speeds else None
+    (out / "ddp.json").write_text(json.dumps(result, indent=1) + "\n")
+    print("ddp:", json.dumps(result), flush=True)
 
 
 def main() -> None:
@@ -135,14 +149,21 @@ def main() -> None:
         except Exception as e:  # one failed phase must not cost the others their time
             print(f"{name}: failed: {e!r}", flush=True)
             (out / f"{name}.error.txt").write_text(f"{e!r}\n")
-    left = args.seconds - (time.monotonic() - start) - TRAIN_MARGIN_S
+    left = args.seconds - (time.monotonic() - start) - 2 * TRAIN_MARGIN_S
     budget = min(args.train_budget, left)
     if not has_data:
         print("train: skipped, no CIFAR-10 (set FASTMBV1_DATA or carry .gpu/cifar.*)")
-    elif budget < 20:
+    elif budget < 40:
         print(f"train: skipped, only {left:.0f} s left")
     else:
-        train_run(args.device, args.data, budget, out, args.quick)
+        # Two thirds to the plain run, the rest to the same under DDP with one rank.
+        runs = [("train-fast", False, budget * 2 / 3), ("train-fast-ddp1", True, budget / 3)]
+        for name, ddp, seconds in runs:
+            train_run(args.device, args.data, seconds, out, args.quick, name, ddp)
+        done = [name for name, _, _ in runs if (out / name / "metrics.jsonl").is_file()]
+        if done:
+            report([out / name for name in done], out)
+            compare_ddp(out, done)
     print(f"check done in {time.monotonic() - start:.0f} s; results in {out}", flush=True)
 
 
