@@ -17,16 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmbv1.config import make_config, resolve
-from fastmbv1.fit import narrowest
+from fastmbv1.config import narrowest
 from fastmbv1.machine import pick_device
-from fastmbv1.measure.timings import (
-    load_data,
-    measure_loader,
-    measure_step,
-    profile_epoch,
-    project_budget,
-)
+from fastmbv1.measure.budget import project_budget
+from fastmbv1.measure.epoch import profile_epoch
+from fastmbv1.measure.inputs import load_data
+from fastmbv1.measure.loaders import measure_loader
+from fastmbv1.plan import make_config, resolve
+from fastmbv1.timing import measure_step
 from pipelines import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ from dataclasses import fields
 from fastmbv1.config import PRESETS, TrainConfig, dash, field_type
 from fastmbv1.errors import FastError, UserError
 from fastmbv1.measure.cli import add_arguments as add_bench_arguments
+from fastmbv1.measure.cli import run as run_bench
 
 DESCRIPTION = """\
 Train MobileNetV1 on CIFAR-10 against a wall-clock budget, and show where the time goes.
@@ -107,7 +108,7 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fastmbv1 import distributed
-    from fastmbv1.config import make_config, resume_config
+    from fastmbv1.plan import make_config, resume_config
     from fastmbv1.train import train
 
     overrides = config_overrides(args)
@@ -151,9 +152,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fastmbv1.measure.cli import run
-
-    return run(args)
+    return run_bench(args)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

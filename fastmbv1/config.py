@@ -1,9 +1,9 @@
 """One config dataclass for a training run, presets as data, TOML files with the same names.
 
 Precedence, lowest first: the dataclass defaults, the preset, ``--config FILE``, the flags.
-The preset ``auto`` becomes ``fast`` on a CUDA GPU and ``cpu`` otherwise as the config is
-made; fields left as ``None`` are decided by the machine at start (``resolve``). Both are
-printed and saved in their resolved form, so ``config.json`` always says what really ran.
+This module is plain data and its checks: what needs the machine (the preset ``auto``, and
+the fields left as ``None``) is decided in ``fastmbv1.plan``, which saves the resolved form,
+so ``config.json`` always says what really ran.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from fastmbv1.errors import UserError
+from fastmbv1.models import MODELS
 
 
 def opt(default, help: str, **kw):
@@ -36,7 +37,7 @@ class TrainConfig:
     )
     model: str = opt("mobilenet_v1", "network, by registry name")
     width: float | None = opt(
-        1.0, "width multiplier for every layer's channels; auto: chosen with the epochs (fit.py)"
+        1.0, "width multiplier for every layer's channels; auto: chosen with the epochs (plan.py)"
     )
     normalize: bool = opt(True, "standardise inputs inside the model (off in the baseline)")
     dropout: float = opt(0.0, "dropout before the classifier")
@@ -107,8 +108,6 @@ class TrainConfig:
         def need(ok: bool, what: str) -> None:
             if not ok:
                 raise UserError(what)
-
-        from fastmbv1.models import MODELS
 
         need(
             self.model in MODELS,
@@ -266,21 +265,16 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def auto_preset(device: str) -> str:
-    """What ``--preset auto`` means on ``--device DEVICE``: the GPU recipe only on a GPU."""
-    import torch
-
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    return "fast" if cuda else "cpu"
+def settings(overrides: dict[str, Any], config_file: str | None = None) -> dict[str, Any]:
+    """The fields a run sets: the TOML file's, then the flags over them."""
+    return {**(read_toml(config_file) if config_file else {}), **overrides}
 
 
-def make_config(overrides: dict[str, Any], config_file: str | None = None) -> TrainConfig:
-    """Defaults <- preset <- TOML file <- explicit overrides (flags), then type-checked."""
-    from_file = read_toml(config_file) if config_file else {}
-    given = {**from_file, **overrides}
-    preset = given.get("preset", "auto")
-    if preset == "auto":
-        preset = auto_preset(given.get("device", "auto"))
+def merge(given: dict[str, Any], preset: str) -> TrainConfig:
+    """Defaults <- ``preset`` <- ``given`` (the settings), type-checked and validated.
+
+    ``preset`` is a concrete preset: ``fastmbv1.plan.make_config`` resolves ``auto`` first.
+    """
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose from auto, {', '.join(PRESETS)}")
     merged = {**PRESETS[preset], **given, "preset": preset}
@@ -289,8 +283,8 @@ def make_config(overrides: dict[str, Any], config_file: str | None = None) -> Tr
     return TrainConfig(**merged).validate()
 
 
-def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
-    """The config of the run in ``run_dir``, with only the flags that are safe to change."""
+def resumed_settings(run_dir: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The settings of the run in ``run_dir``, with only the flags that are safe to change."""
     path = Path(run_dir) / "config.json"
     try:
         stored = json.loads(path.read_text())
@@ -306,60 +300,24 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig
                 f" on resume only {', '.join('--' + dash(n) for n in sorted(SAFE_ON_RESUME))}"
                 " may change"
             )
-    return make_config({**stored, **overrides})
+    return {**stored, **overrides}
 
 
 # config.json keeps, beside the fields, why the machine-dependent ones got their values.
 WHY = "why"
 
+# Widths a run without --width chooses from, widest first (fastmbv1.plan weighs them against
+# the budget). Half width runs at about 42 % of quarter width's images/s on the 2-core CPU but
+# learns more per epoch. At equal time, with flip TTA (bench/results/ab-cpu-recipe.md): 12
+# epochs of it 85.66 % against 83.78 for 24 of quarter width; 8 of it 84.44 against about
+# 83.3 for the 19 that take as long (between the 12 and 24 measured).
+WIDTHS = (0.5, 0.25)
 
-def resolve(cfg: TrainConfig, device) -> tuple[TrainConfig, dict[str, str]]:
-    """Fill the machine-dependent fields left as None, and say why each got its value."""
-    from pipelines import default_pipeline, unavailable
 
-    why = {}
-    cuda = device.type == "cuda"
-    pipeline = cfg.pipeline or default_pipeline(device)
-    reason = unavailable(pipeline, device)
-    if reason:
-        raise UserError(f"pipeline {pipeline!r} cannot run on {device}: {reason}")
-    if cfg.tensorboard:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            raise UserError(
-                "--tensorboard needs the tensorboard package: pip install 'fastmbv1[tensorboard]'"
-            ) from None
-    if cfg.sync_bn and not cuda:
-        raise UserError(
-            "--sync-bn needs CUDA GPUs under torchrun (SyncBatchNorm has no CPU kernel)"
-        )
-    defaults = {
-        "pipeline": (pipeline, "DALI is the default on a CUDA GPU where it is installed"),
-        "amp": ("bf16" if cuda else "off", "bf16 autocast is the default on a CUDA GPU only"),
-        "compile": (cuda, "torch.compile is the default on a CUDA GPU only"),
-    }
-    filled = {}
-    for name, (value, because) in defaults.items():
-        if getattr(cfg, name) is None:
-            filled[name] = value
-            shown = {True: "on", False: "off"}.get(value, value)
-            why[name] = f"{shown}: {because}"
-    if cfg.amp == "fp16" and not cuda:
-        why["amp"] = "fp16: slow on the CPU; bf16 or off is the usual choice"
-    if filled.get("compile", cfg.compile):
-        from fastmbv1.step import compile_problem
-
-        problem = compile_problem(device)
-        if problem:  # e.g. no C compiler for Inductor: train eager rather than not at all
-            filled["compile"] = False
-            why["compile"] = f"off: torch.compile failed on a tiny probe ({problem}); eager"
-    if cfg.width is None and cfg.epochs is not None:
-        from fastmbv1.fit import narrowest
-
-        filled["width"] = narrowest(cfg).width
-        why["width"] = f"{filled['width']:g}: --epochs is given, so the budget does not choose it"
-    return replace(cfg, **filled), why
+def narrowest(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with an automatic width set to the narrowest choice, for a run whose epochs
+    are given (nothing to weigh the width against) and for benches that time a preset."""
+    return cfg if cfg.width is not None else replace(cfg, width=WIDTHS[-1])
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

@@ -7,6 +7,11 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from fastmbv1.checkpoint import load
+from fastmbv1.machine import pick_device
+from pipelines import build_pipeline
+from pipelines.cifar10 import load_cifar10
+
 
 def autocast(device: torch.device, amp: str):
     if amp == "off":
@@ -42,11 +47,6 @@ def evaluate(
 
 def evaluate_checkpoint(path: str, data: str | None = None, device: str = "auto") -> float:
     """Test accuracy (percent) of a saved model on the CIFAR-10 test set; writes nothing."""
-    from fastmbv1.checkpoint import load
-    from fastmbv1.machine import pick_device
-    from pipelines import build_pipeline
-    from pipelines.cifar10 import load_cifar10
-
     dev = pick_device(device)
     model = load(path).to(dev)
     cifar = load_cifar10(data)

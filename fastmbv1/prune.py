@@ -18,14 +18,18 @@ import torch
 import torch.nn as nn
 
 from fastmbv1.checkpoint import model_from_record, read_checkpoint
-from fastmbv1.config import make_config, read_toml
+from fastmbv1.config import read_toml
 from fastmbv1.errors import UserError
 from fastmbv1.evaluate import evaluate
 from fastmbv1.info import IMAGE_SHAPE, batch_seconds, model_cost
 from fastmbv1.machine import pick_device
 from fastmbv1.metrics import write_json
 from fastmbv1.models import build_model
+from fastmbv1.plan import make_config
 from fastmbv1.tables import Column, render_table
+from fastmbv1.train import train
+from pipelines import build_pipeline
+from pipelines.cifar10 import load_cifar10
 
 # --target-macs prunes in steps of MAX_RATIO / TARGET_STEPS of every layer's channels until
 # the MACs fit, so it overshoots the target by at most one step (about 2.5 % of channels).
@@ -168,10 +172,6 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     config over the checkpoint's preset if it is an original recipe (else ``auto``), while
     the checkpoint decides the network.
     """
-    from fastmbv1.train import train  # the trainer pulls in the data pipelines
-    from pipelines import build_pipeline
-    from pipelines.cifar10 import load_cifar10
-
     check_request(args.ratio, args.target_macs)
     given = [f"--{f}" for f in MODEL_FIELDS if f in overrides]
     if given:

@@ -17,12 +17,11 @@ from torch.profiler import record_function
 
 from fastmbv1 import augment
 from fastmbv1.checkpoint import model_info
-from fastmbv1.config import TrainConfig
+from fastmbv1.config import TrainConfig, narrowest
 from fastmbv1.distributed import World
 from fastmbv1.ema import WeightAverage
 from fastmbv1.errors import one_line
 from fastmbv1.evaluate import autocast
-from fastmbv1.fit import narrowest
 from fastmbv1.models import build_model
 
 # torch.compile's backend; the tests swap in "eager", which compiles in moments.

@@ -33,14 +33,13 @@ from fastmbv1.checkpoint import (
     save_training_state,
 )
 from fastmbv1.clock import BudgetClock
-from fastmbv1.config import WHY, TrainConfig, resolve
-from fastmbv1.data import run_pipelines
+from fastmbv1.config import WHY, TrainConfig
 from fastmbv1.distributed import World
 from fastmbv1.errors import Diverged, Interrupted, UserError
 from fastmbv1.evaluate import evaluate
-from fastmbv1.fit import fit_epochs
 from fastmbv1.machine import device_name, peak_memory, pick_device, sync, versions
 from fastmbv1.metrics import RunLog, format_summary, write_json
+from fastmbv1.plan import plan_run
 from fastmbv1.profile import StepTrace
 from fastmbv1.schedule import lr_factor
 from fastmbv1.state import RunState, Totals
@@ -340,23 +339,20 @@ def train(
     start = time.perf_counter()  # the budget counts from here: loading and compiling too
     world = distributed.init(pick_device(cfg.device))
     device = world.device(pick_device(cfg.device))
-    cfg, why = resolve(cfg, device)
-    train_pipe, test_pipe, n_test = run_pipelines(cfg, device, world)  # checks before writing
-    if cfg.epochs is None:  # as many as fit into the budget at the speed measured now
-        cfg, fitted = fit_epochs(cfg, device, world, start, len(train_pipe), n_test)
-        why.update(fitted)
+    plan = plan_run(cfg, device, world, start)  # the machine's decisions, checked before writing
+    cfg, train_pipe, test_pipe = plan.cfg, plan.train, plan.test
     out = prepare_out(cfg, resume, overwrite, write=world.main)
     state = RunState.from_dict(latest_training_state(out)[0]) if resume else None
     totals = state.totals if state else Totals()
     log = RunLog(out, records=state and state.metrics, write=world.main, tb=cfg.tensorboard)
-    why = log.start({**cfg.to_dict(), WHY: why}, resumed_after=state and totals.epochs_done)
+    why = log.start({**cfg.to_dict(), WHY: plan.why}, resumed_after=state and totals.epochs_done)
     seed_everything(cfg.seed)
     run = build_run(cfg, device, world, **starting_model(cfg, state, model, model_kwargs))
     if state is not None:
         state.restore(run)
     steps = len(train_pipe)
     clock = BudgetClock(
-        cfg.budget, cfg.epochs * steps, eval_steps=n_test / cfg.batch_size,
+        cfg.budget, cfg.epochs * steps, eval_steps=plan.n_test / cfg.batch_size,
         elapsed=totals.wall_s, start=start,
     )  # fmt: skip
 

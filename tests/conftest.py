@@ -104,7 +104,7 @@ def logits_in_fresh_process(path: Path, x, tmp_path: Path):
 def tiny_config(tmp_path: Path, data, name: str = "run", **fields):
     """A quick run's config: quarter width, small batches, the torch pipeline, an evaluation
     every epoch, written to ``tmp_path / name``; ``fields`` override any of it."""
-    from fastmbv1.config import make_config
+    from fastmbv1.plan import make_config
 
     base = dict(
         preset="cpu",

@@ -122,7 +122,7 @@ def test_cutout_and_mixing_keep_the_batch_layout(layout):
 
 def test_progressive_resizing_grows_to_full_size_half_way():
     from fastmbv1.augment import augment_batch, side_at
-    from fastmbv1.config import make_config
+    from fastmbv1.plan import make_config
 
     assert [side_at(16, p) for p in (0.0, 0.1, 0.25, 0.4, 0.5, 0.9)] == [
         16,

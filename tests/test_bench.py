@@ -11,11 +11,11 @@ import pytest
 from conftest import tiny_batches, write_archive
 
 from fastmbv1.cli import main
-from fastmbv1.config import make_config
+from fastmbv1.measure.budget import ORIGINAL_T4, epochs_in, original_budget
 from fastmbv1.measure.cli import BENCHES, add_arguments
 from fastmbv1.measure.report import read_run, report
-from fastmbv1.measure.timings import ORIGINAL_T4, epochs_in, original_budget
 from fastmbv1.metrics import THRESHOLDS
+from fastmbv1.plan import make_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"

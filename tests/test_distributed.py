@@ -60,7 +60,7 @@ def rank_main(rank, world, port, data, out, cache, fields=None):
     )
     torch.set_num_threads(1)
     from fastmbv1 import distributed
-    from fastmbv1.config import make_config
+    from fastmbv1.plan import make_config
     from fastmbv1.train import train
 
     cfg = make_config(

@@ -10,9 +10,10 @@ import torch
 from conftest import tiny_batches, tiny_config, write_archive
 
 import fastmbv1
-from fastmbv1 import fit
-from fastmbv1.config import TrainConfig, make_config, resolve, resume_config
+from fastmbv1 import plan
+from fastmbv1.config import TrainConfig, narrowest
 from fastmbv1.evaluate import evaluate_checkpoint
+from fastmbv1.plan import make_config, resolve, resume_config
 from fastmbv1.train import train
 
 
@@ -55,7 +56,7 @@ def test_auto_never_reaches_a_saved_config_and_resume_keeps_the_resolved_one(
 def test_epochs_fit_the_budget_at_the_measured_speed(tmp_path, data, monkeypatch, capsys):
     speeds = iter([400.0, 100.0])  # images/s: a fast machine, then a four times slower one
     monkeypatch.setattr(
-        "fastmbv1.measure.timings.measure_step",
+        "fastmbv1.plan.measure_step",
         lambda *a, **k: {"images_per_s": next(speeds)},
     )
     epochs = []
@@ -74,16 +75,14 @@ def test_epochs_fit_the_budget_at_the_measured_speed(tmp_path, data, monkeypatch
 
 
 def test_fit_counts_what_is_left_of_the_budget(monkeypatch):
-    monkeypatch.setattr(
-        "fastmbv1.measure.timings.measure_step", lambda *a, **k: {"images_per_s": 1000.0}
-    )
+    monkeypatch.setattr("fastmbv1.plan.measure_step", lambda *a, **k: {"images_per_s": 1000.0})
     from fastmbv1.distributed import World
 
     cfg = make_config({"preset": "cpu", "width": 0.25, "budget": 60.0, "tta": False})
-    now = fit.time.perf_counter()
+    now = plan.time.perf_counter()
     # 50 steps of 128 images: 6.4 s an epoch (6.72 s with the overhead).
-    full, why = fit.fit_epochs(cfg, torch.device("cpu"), World(), now, 50, 10_000)
-    late, _ = fit.fit_epochs(cfg, torch.device("cpu"), World(), now - 30.0, 50, 10_000)
+    full, why = plan.fit_epochs(cfg, torch.device("cpu"), World(), now, 50, 10_000)
+    late, _ = plan.fit_epochs(cfg, torch.device("cpu"), World(), now - 30.0, 50, 10_000)
     assert full.epochs == 8 and late.epochs == 4
     assert "1,000 images/s" in why["epochs"] and "width" not in why  # --width was given
     assert full.width == late.width == 0.25
@@ -98,14 +97,14 @@ def test_the_budget_picks_the_widest_width_that_fits_enough_epochs(monkeypatch):
         timed.append(cfg.width)
         return {"images_per_s": 400.0 if cfg.width == 0.5 else 1000.0}
 
-    monkeypatch.setattr("fastmbv1.measure.timings.measure_step", measure_step)
+    monkeypatch.setattr("fastmbv1.plan.measure_step", measure_step)
     cfg = make_config({"preset": "cpu", "tta": False})
     assert cfg.width is None and cfg.epochs is None
-    now = fit.time.perf_counter()
+    now = plan.time.perf_counter()
 
     def fitted(budget: float) -> TrainConfig:
         timed.clear()
-        out, why = fit.fit_epochs(
+        out, why = plan.fit_epochs(
             replace(cfg, budget=budget), torch.device("cpu"), World(), now, 50, 10_000
         )
         assert why["width"].startswith(f"{out.width:g}:")
@@ -120,7 +119,7 @@ def test_the_budget_picks_the_widest_width_that_fits_enough_epochs(monkeypatch):
     given, why = resolve(make_config({"preset": "cpu", "epochs": 5}), torch.device("cpu"))
     assert given.width == 0.25 and "--epochs" in why["width"]
     # The bench times a preset as a run would start it, at the narrowest automatic width.
-    assert fit.narrowest(cfg).width == 0.25 and fit.narrowest(replace(cfg, width=1.0)).width == 1.0
+    assert narrowest(cfg).width == 0.25 and narrowest(replace(cfg, width=1.0)).width == 1.0
 
 
 def test_evaluations_stay_within_two_percent_of_the_time_and_the_last_is_always_made():
@@ -181,9 +180,7 @@ def test_tta_averages_an_image_and_its_mirror_in_eval_mode_only():
 
 
 def test_a_resumed_run_keeps_the_reasons_for_its_fitted_recipe(tmp_path, data, monkeypatch):
-    monkeypatch.setattr(
-        "fastmbv1.measure.timings.measure_step", lambda *a, **k: {"images_per_s": 400.0}
-    )
+    monkeypatch.setattr("fastmbv1.plan.measure_step", lambda *a, **k: {"images_per_s": 400.0})
     cfg = tiny_config(tmp_path, data, epochs=None, budget=30.0, checkpoint_every=1)
     train(cfg, on_epoch=lambda record: record["epoch"] == 1)  # stopped after one epoch
     run = tmp_path / "run"

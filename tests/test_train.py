@@ -8,7 +8,8 @@ import torch
 from conftest import tiny_batches, tiny_config, write_archive
 
 import fastmbv1
-from fastmbv1.config import PRESETS, TrainConfig, make_config
+from fastmbv1.config import PRESETS, TrainConfig
+from fastmbv1.plan import make_config
 from fastmbv1.schedule import lr_factor
 from fastmbv1.train import train
 

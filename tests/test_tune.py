@@ -13,7 +13,7 @@ optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
 
 from fastmbv1.cli import main  # noqa: E402
-from fastmbv1.config import make_config  # noqa: E402
+from fastmbv1.plan import make_config  # noqa: E402
 from fastmbv1.tune.objective import score  # noqa: E402
 
 # Small and fast: a quarter-width network, 200 training images, a few seconds per trial.
@@ -196,7 +196,7 @@ def test_flags_the_study_cannot_honour_exit_2_in_one_line(tmp_path, inputs, caps
 def test_default_space_offers_the_pipelines_of_the_configured_device(monkeypatch):
     import torch
 
-    import pipelines
+    from fastmbv1.tune import space
     from fastmbv1.tune.space import default_space
 
     asked = []
@@ -205,7 +205,7 @@ def test_default_space_offers_the_pipelines_of_the_configured_device(monkeypatch
         asked.append(device)
         return {"torch": None, "dali": "needs a CUDA GPU"}
 
-    monkeypatch.setattr(pipelines, "available", available)
+    monkeypatch.setattr(space, "available", available)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # "auto" would be cuda
     assert default_space("cpu").params["pipeline"].choices == ("torch",)
     assert asked == [torch.device("cpu")]

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from fastmbv1.cli import build_parser
 from fastmbv1.machine import pick_device
-from fastmbv1.measure.cli import BENCHES, document, write_document
+from fastmbv1.measure.cli import BENCHES
 from fastmbv1.measure.report import report
+from fastmbv1.measure.results import document, write_document
 from fastmbv1.step import compile_problem
 
 # Seconds kept for the training run's own start (imports, data) and its final save.

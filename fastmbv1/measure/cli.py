@@ -3,29 +3,33 @@
 ``--save`` writes ``<results>/<what>-<machine>.json`` (default ``bench/results/``) holding
 the command, the machine, the versions and the results. It is off by default, so that a
 quick run never replaces a committed result set. ``--plot FILE`` draws the results (beside
-the JSON too with ``--save``); ``fastmbv1 bench plot`` redraws a saved file. The measuring
-and plotting modules are imported only when a subcommand runs.
+the JSON too with ``--save``); ``fastmbv1 bench plot`` redraws a saved file. Each bench's
+table is built by the module that measures it (``loaders``, ``step``, ``epoch``,
+``budget``); this module is the command line around them.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import os
-import re
 import shlex
 import sys
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
 from pathlib import Path
 
 from fastmbv1.config import PRESETS
 from fastmbv1.errors import UserError
-from fastmbv1.tables import Column, print_rows
+from fastmbv1.machine import device_name, pick_device, versions
+from fastmbv1.measure.budget import bench_budget
+from fastmbv1.measure.epoch import bench_epoch
+from fastmbv1.measure.loaders import bench_loaders
+from fastmbv1.measure.plots import PLOTS, agg_canvas, check_picture_path, read_result, save
+from fastmbv1.measure.report import launch, markdown, read_run, report
+from fastmbv1.measure.results import RESULTS_DIR, Table, document, result_path, write_document
+from fastmbv1.measure.step import ON_OFF, bench_step
+from fastmbv1.profile import format_top_ops
+from fastmbv1.tables import print_rows
 
-RESULTS_DIR = "bench/results"
-ON_OFF = {"on": True, "off": False}
 DESCRIPTION = """\
 Measure where training time goes on this machine. Each measuring WHAT prints a
 table, row by row as it measures (--json: JSON instead); --save keeps the
@@ -38,261 +42,12 @@ examples:
   fastmbv1 bench epoch --preset cpu --data PATH --save    keep the result in bench/results/
   fastmbv1 bench plot bench/results/loaders-*.json        redraw a saved result
 """
-# Below this share of an epoch spent waiting for batches, data loading no longer limits.
-DATA_BOUND_SHARE = 0.05
-# Steps a --trace records: enough to see the step's pattern, few enough to open quickly.
-TRACE_STEPS = 5
-
-
-@dataclass
-class Table:
-    columns: list[Column]
-    rows: Iterable[dict]  # measured lazily: each row prints as soon as it exists
-    footer: Callable[[list[dict]], str] | None = None
-
-
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """``name`` or ``name:key=int,...``, e.g. ``torchvision:num_workers=2``."""
-    name, _, rest = spec.partition(":")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        if not value.lstrip("-").isdigit():
-            raise UserError(f"pipeline option {item!r} in {spec!r} is not key=integer")
-        options[key] = int(value)
-    return name, options
-
-
-def pipeline_specs(args: argparse.Namespace, device) -> list[tuple[str, dict, str | None]]:
-    """(name, options, why it cannot run here or None) for ``--pipelines`` or the default:
-    every pipeline, plus torchvision with one worker per core."""
-    from pipelines import MODULES, unavailable
-
-    specs = args.pipelines or [*MODULES, f"torchvision:num_workers={os.cpu_count()}"]
-    parsed = [parse_spec(s) for s in specs]
-    for name, opts in parsed:
-        if name == "torchvision":
-            opts.setdefault("num_workers", 0)  # its default, said in the table
-    return [(name, opts, unavailable(name, device)) for name, opts in parsed]
-
-
-def preset_config(name: str, device):
-    """Preset ``name`` as ``fastmbv1 train`` would run it on ``device`` (a width that a run
-    would fit to its budget at its narrowest)."""
-    from fastmbv1.config import make_config, resolve
-    from fastmbv1.fit import narrowest
-
-    return narrowest(resolve(make_config({"preset": name, "device": device.type}), device)[0])
-
-
-def data_for(args: argparse.Namespace):
-    from fastmbv1.measure.timings import load_data
-
-    return load_data(args.data, args.images, args.synthetic)
-
-
-def bench_loaders(args: argparse.Namespace, device) -> Table:
-    from fastmbv1.measure.timings import measure_loader
-
-    specs = pipeline_specs(args, device)
-    batch_sizes = args.batch_sizes or sorted(
-        {preset_config(p, device).batch_size for p in PRESETS}, reverse=True
-    )
-    data = data_for(args)
-
-    def rows():
-        for name, options, reason in specs:
-            if reason:
-                yield {"pipeline": name, **options, "note": f"skipped: {reason}"}
-                continue
-            for batch_size in batch_sizes:
-                yield measure_loader(
-                    name,
-                    data.train_images,
-                    data.train_labels,
-                    batch_size=batch_size,
-                    device=device,
-                    epochs=args.epochs,
-                    **options,
-                )
-
-    columns = [
-        Column("pipeline", "pipeline", 11),
-        Column("workers", "num_workers", 7, "d"),
-        Column("batch", "batch_size", 5, "d"),
-        Column("images", "images", 7, "d"),
-        Column("seconds", "seconds", 8, ".2f"),
-        Column("images/s", "images_per_s", 10, ",.0f"),
-        Column("note", "note"),
-    ]
-    return Table(columns, rows())
-
-
-def step_trace(args: argparse.Namespace, device, *label: str):
-    """A StepTrace into ``--trace``'s folder, one subfolder per measured row; None without."""
-    if not getattr(args, "trace", None):
-        return None
-    from fastmbv1.profile import StepTrace
-
-    return StepTrace(Path(args.trace) / "-".join(filter(None, label)), device, TRACE_STEPS)
-
-
-def bench_step(args: argparse.Namespace, device) -> Table:
-    from fastmbv1.config import make_config
-    from fastmbv1.measure.timings import measure_step
-    from fastmbv1.models import MODELS
-
-    compiles = args.compile or (["off", "on"] if device.type == "cuda" else ["off"])
-    grid = itertools.product(
-        args.models or sorted(MODELS), args.widths, args.channels_last, args.amp, compiles
-    )
-    # Every config is checked before the first measurement.
-    configs = [
-        make_config(
-            {
-                "model": model,
-                "width": width,
-                "channels_last": ON_OFF[cl],
-                "amp": amp,
-                "compile": ON_OFF[comp],
-                "batch_size": args.batch_size,
-                "device": device.type,
-            }
-        )
-        for model, width, cl, amp, comp in grid
-    ]
-    rows = (
-        measure_step(
-            c,
-            device,
-            steps=args.steps,
-            warmup=args.warmup,
-            trace=step_trace(args, device, c.model, f"{c.width:g}", c.amp, "compiled" * c.compile),
-        )
-        for c in configs
-    )
-    columns = [
-        Column("model", "model", 16),
-        Column("width", "width", 5, ".2f"),
-        Column("batch", "batch_size", 5, "d"),
-        Column("ch.last", "channels_last", 7),
-        Column("amp", "amp", 4),
-        Column("compile", "compile", 7),
-        Column("step s", "step_s", 8, ".4f"),
-        Column("images/s", "images_per_s", 10, ",.0f"),
-        Column("compile s", "compile_s", 9, ".1f"),
-    ]
-    return Table(columns, rows)
-
-
-def bench_epoch(args: argparse.Namespace, device) -> Table:
-    from fastmbv1.measure.timings import profile_epoch
-
-    cfg = preset_config(args.preset, device)
-    specs = pipeline_specs(args, device)
-    for _, options, _ in specs:
-        if set(options) - {"num_workers"}:
-            raise UserError(f"an epoch profile takes only num_workers as an option, not {options}")
-    data = data_for(args)
-
-    def rows():
-        for name, options, reason in specs:
-            if reason:
-                yield {"pipeline": name, **options, "note": f"skipped: {reason}"}
-            else:
-                run = replace(cfg, pipeline=name, **options)
-                trace = step_trace(args, device, cfg.preset, name, *map(str, options.values()))
-                yield profile_epoch(run, data.train_images, data.train_labels, device, trace)
-
-    def verdict(rows: list[dict]) -> str:
-        fed = [
-            r["pipeline"] + (f" ({r['num_workers']} workers)" if "num_workers" in r else "")
-            for r in rows
-            if r.get("data_share", 1.0) < DATA_BOUND_SHARE
-        ]
-        limit = f"{DATA_BOUND_SHARE:.0%} of the epoch"
-        if not fed:
-            return f"the model waits for data more than {limit} with every pipeline"
-        return f"the model waits for data less than {limit} with: " + ", ".join(fed)
-
-    columns = [
-        Column("preset", "preset", 8),
-        Column("pipeline", "pipeline", 11),
-        Column("workers", "num_workers", 7, "d"),
-        Column("batch", "batch_size", 5, "d"),
-        Column("images", "images", 7, "d"),
-        Column("epoch s", "epoch_s", 8, ".2f"),
-        Column("wait s", "data_wait_s", 8, ".2f"),
-        Column("compute s", "compute_s", 9, ".2f"),
-        Column("data", "data_share", 5, ".0%"),
-        Column("images/s", "images_per_s", 10, ",.0f"),
-        Column("note", "note"),
-    ]
-    return Table(columns, rows(), verdict)
-
-
-def bench_budget(args: argparse.Namespace, device) -> Table:
-    from fastmbv1.measure.timings import original_budget, project_budget
-
-    budgets = tuple(args.budget)
-    configs = [preset_config(p, device) for p in args.presets]
-    data = data_for(args)
-
-    def rows():
-        for cfg in configs:
-            yield project_budget(cfg, data, device, budgets)
-        yield from original_budget(budgets)
-
-    columns = [
-        Column("run", "run", 24),
-        Column("device", "device", 8),
-        Column("pipeline", "pipeline", 11),
-        Column("batch", "batch_size", 5, "d"),
-        Column("s/epoch", "s_per_epoch", 8, ".1f"),
-        Column("eval s", "eval_s", 6, ".1f"),
-        Column("setup s", "setup_s", 7, ".1f"),
-        Column("epochs", "epochs", 6, "d"),
-        Column("total s", "epochs_s", 8, ",.0f"),
-        *(Column(f"in {b:g} s", f"epochs_in_{b:g}s", 8, "d") for b in budgets),
-    ]
-    return Table(columns, rows())
-
-
 BENCHES: dict[str, Callable[[argparse.Namespace, object], Table]] = {
     "loaders": bench_loaders,
     "step": bench_step,
     "epoch": bench_epoch,
     "budget": bench_budget,
 }
-
-
-def document(command: str, device, rows: list[dict]) -> dict:
-    """What a saved result file holds: the command, where it ran, with what, and the rows."""
-    from fastmbv1.machine import device_name, versions
-
-    return {
-        "command": command,
-        "machine": device_name(device),
-        "device": str(device),
-        "versions": versions(),
-        "results": rows,
-    }
-
-
-def write_document(doc: dict, path: str | Path) -> Path:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=2) + "\n")
-    except OSError as e:
-        raise UserError(f"{path}: cannot be written ({e.strerror})") from None
-    return path
-
-
-def result_path(results_dir: str | Path, what: str, machine: str) -> Path:
-    return (
-        Path(results_dir) / f"{what}-{re.sub(r'[^a-z0-9]+', '-', machine.lower()).strip('-')}.json"
-    )
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -316,11 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "plot":
         return run_plot(args)
     if args.plot:
-        from fastmbv1.measure.plots import check_picture_path
-
         check_picture_path(args.plot)  # before measuring: a picture must not cost a rerun
-    from fastmbv1.machine import device_name, pick_device, versions
-
     device = pick_device(args.device)
     table = BENCHES[args.bench](args, device)
     if args.json:
@@ -342,8 +93,6 @@ def run(args: argparse.Namespace) -> int:
         if args.plot:  # the picture goes beside the saved file too
             pictures.append(path.with_suffix(".png"))
     if pictures:
-        from fastmbv1.measure.plots import PLOTS, save
-
         fig = PLOTS[args.bench](doc)
         for picture in pictures:
             save(fig, picture)
@@ -352,8 +101,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_traces(rows: list[dict], device) -> None:
-    from fastmbv1.profile import format_top_ops
-
     for row in rows:
         if "trace" in row:
             print(f"\n{row['trace']}: operators by their own time")
@@ -362,8 +109,6 @@ def print_traces(rows: list[dict], device) -> None:
 
 def run_plot(args: argparse.Namespace) -> int:
     """Draw saved result files; all are read and drawn before the first picture is written."""
-    from fastmbv1.measure.plots import PLOTS, check_picture_path, read_result, save
-
     if args.out and len(args.files) > 1:
         raise UserError("--out names one picture: give it one result file")
     pictures = []
@@ -378,9 +123,6 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from fastmbv1.measure.plots import agg_canvas
-    from fastmbv1.measure.report import launch, markdown, read_run, report
-
     agg_canvas()  # matplotlib is there, before any training starts
     for run_dir in args.runs:
         read_run(run_dir)  # a wrong folder fails before any training starts

@@ -13,7 +13,9 @@ from pathlib import Path
 from fastmbv1.errors import UserError
 from fastmbv1.measure.plots import figure, save
 from fastmbv1.metrics import THRESHOLDS
+from fastmbv1.plan import make_config
 from fastmbv1.tables import Column, markdown_table
+from fastmbv1.train import train
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -116,9 +118,6 @@ def launch(
     ``overrides`` and ``config_file`` apply on top of each preset, as flags and ``--config``
     do for ``fastmbv1 train``; every config is checked before the first run starts.
     """
-    from fastmbv1.config import make_config
-    from fastmbv1.train import train
-
     configs = []
     for preset in presets:
         fields = {**overrides, "preset": preset}

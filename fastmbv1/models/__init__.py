@@ -1,26 +1,6 @@
-"""Model registry: choose a network by name, as ``--model NAME`` does on the command line."""
+"""The networks, by name: importing this package registers every model file's models."""
 
-from __future__ import annotations
+from fastmbv1.models import custom_mobilenet, mobilenet  # noqa: F401  (they register themselves)
+from fastmbv1.models.registry import MODELS, build_model, register_model
 
-from collections.abc import Callable
-
-import torch.nn as nn
-
-from fastmbv1.errors import UserError
-
-MODELS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    MODELS[fn.__name__] = fn
-    return fn
-
-
-def build_model(name: str, **kwargs) -> nn.Module:
-    """Build the registered model ``name`` with its constructor arguments ``kwargs``."""
-    if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
-    return MODELS[name](**kwargs)
-
-
-from fastmbv1.models import custom_mobilenet, mobilenet  # noqa: E402,F401  (register models)
+__all__ = ["MODELS", "build_model", "register_model"]

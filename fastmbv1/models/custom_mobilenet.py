@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastmbv1.models import register_model
 from fastmbv1.models.mobilenet import Classifier, conv_bn, scaled
+from fastmbv1.models.registry import register_model
 
 # (out channels, stride) of the 22 blocks; the stem has 16 channels. 32x32 -> 2x2.
 STEM = 16

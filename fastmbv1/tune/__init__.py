@@ -19,8 +19,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fastmbv1.config import dash, make_config
+from fastmbv1.config import dash
 from fastmbv1.errors import UserError
+from fastmbv1.plan import make_config
 
 try:
     import optuna

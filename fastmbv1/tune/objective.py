@@ -29,8 +29,9 @@ from typing import Any
 
 import optuna
 
-from fastmbv1.config import make_config
 from fastmbv1.errors import Diverged, Interrupted, UserError
+from fastmbv1.plan import make_config
+from fastmbv1.train import train
 from fastmbv1.tune.space import Space
 from fastmbv1.tune.study import worker_id
 
@@ -97,8 +98,6 @@ class Objective:
     budget: float
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from fastmbv1.train import train  # the trainer pulls in the data pipelines
-
         trial.set_user_attr("worker", worker_id())
         values = self.space.draw(trial)
         run_dir = self.root / f"trial-{trial.number:04d}"

@@ -36,8 +36,11 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from fastmbv1.config import field_names, field_type, load_toml, make_config
+from fastmbv1.config import field_names, field_type, load_toml
 from fastmbv1.errors import UserError, one_line
+from fastmbv1.machine import pick_device
+from fastmbv1.plan import make_config
+from pipelines import available
 
 # Fields fastmbv1 tune sets itself; a space may neither search nor fix them.
 TUNER_FIELDS = ("out", "data", "budget", "target_acc", "eval_every", "seed")
@@ -73,9 +76,6 @@ def extremes(d: BaseDistribution) -> tuple:
 
 def default_space(device: str) -> Space:
     """The built-in search, over the pipelines that run on ``device`` ("auto", "cuda", "cpu")."""
-    from fastmbv1.machine import pick_device
-    from pipelines import available
-
     usable = tuple(n for n, why in available(pick_device(device)).items() if why is None)
     return Space(
         {

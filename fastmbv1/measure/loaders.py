@@ -1,0 +1,93 @@
+"""``fastmbv1 bench loaders``: the images/s each data pipeline delivers alone, no model."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from fastmbv1.config import PRESETS
+from fastmbv1.measure.inputs import data_for, pipeline_specs, preset_config
+from fastmbv1.measure.results import Table
+from fastmbv1.tables import Column
+from pipelines import build_pipeline
+
+
+def measure_loader(
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    epochs: int = 1,
+    **options,
+) -> dict:
+    """Time ``epochs`` full training epochs of pipeline ``name`` (built outside the timing)."""
+    device = torch.device(device)
+    pipeline = build_pipeline(
+        name, images, labels, batch_size=batch_size, train=True, device=device, seed=0, **options
+    )
+    total = torch.zeros((), device=device)
+    count = 0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for x, _y in pipeline:
+            if device.type == "cuda":
+                # A reduction on the device makes every batch exist there, however
+                # asynchronous the pipeline is; .item() below waits for the last one.
+                total += x.sum(dtype=torch.float32)
+            else:
+                # A CPU batch is complete when handed over; reading one value shows it is.
+                # A whole-batch reduction would time torch's two threads (contended by the
+                # loader's own) rather than the loader.
+                x[-1, -1, -1, -1].item()
+            count += len(x)
+    total.item()
+    seconds = time.perf_counter() - start
+    return {
+        "pipeline": name,
+        "batch_size": batch_size,
+        "device": str(device),
+        "images": count,
+        "seconds": seconds,
+        "images_per_s": count / seconds,
+        **options,
+    }
+
+
+def bench_loaders(args: argparse.Namespace, device) -> Table:
+    specs = pipeline_specs(args, device)
+    batch_sizes = args.batch_sizes or sorted(
+        {preset_config(p, device).batch_size for p in PRESETS}, reverse=True
+    )
+    data = data_for(args)
+
+    def rows():
+        for name, options, reason in specs:
+            if reason:
+                yield {"pipeline": name, **options, "note": f"skipped: {reason}"}
+                continue
+            for batch_size in batch_sizes:
+                yield measure_loader(
+                    name,
+                    data.train_images,
+                    data.train_labels,
+                    batch_size=batch_size,
+                    device=device,
+                    epochs=args.epochs,
+                    **options,
+                )
+
+    columns = [
+        Column("pipeline", "pipeline", 11),
+        Column("workers", "num_workers", 7, "d"),
+        Column("batch", "batch_size", 5, "d"),
+        Column("images", "images", 7, "d"),
+        Column("seconds", "seconds", 8, ".2f"),
+        Column("images/s", "images_per_s", 10, ",.0f"),
+        Column("note", "note"),
+    ]
+    return Table(columns, rows())

@@ -1,0 +1,27 @@
+"""The model registry: networks by name, as ``--model NAME`` chooses them.
+
+Its own module, below the model files: each model file registers itself here, and
+``fastmbv1.models`` imports the model files, so nothing imports its own importer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn as nn
+
+from fastmbv1.errors import UserError
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    MODELS[fn.__name__] = fn
+    return fn
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build the registered model ``name`` with its constructor arguments ``kwargs``."""
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
+    return MODELS[name](**kwargs)

@@ -1,0 +1,172 @@
+"""The decisions that need the machine, in one place, made once at the start of a run.
+
+``make_config`` turns the preset ``auto`` into ``fast`` on a CUDA GPU and ``cpu`` otherwise;
+``plan_run``, which ``train`` calls once, then ``resolve``s the fields a config leaves as
+``None`` (pipeline, autocast, compile, a width the budget does not choose), probing that
+compiling works, builds the data pipelines and, with ``fit_epochs``, times a few steps and
+sizes the epochs (and the width) to what is left of the budget. Each decision comes with
+its reason, which the run prints and saves in ``config.json``.
+
+The same CPU kind has trained the same recipe at 2,400 images/s one day and 900 the next,
+so no fixed epoch count suits a fixed budget: a few training steps on a random batch time
+the machine as it is now, and the epochs that fit what is left of the budget become the
+schedule's length. The run stays step-driven when the estimate holds, and the budget clock
+anneals it on time when it does not.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastmbv1 import config
+from fastmbv1.clock import SAVE_RESERVE_S
+from fastmbv1.config import WIDTHS, TrainConfig, narrowest
+from fastmbv1.data import run_pipelines
+from fastmbv1.distributed import World, split_batch
+from fastmbv1.errors import UserError
+from fastmbv1.step import compile_problem
+from fastmbv1.timing import measure_step
+from pipelines import Pipeline, default_pipeline, unavailable
+
+# Besides the steps, an epoch waits for data and evaluates now and then: a few percent.
+EPOCH_OVERHEAD = 0.05
+# An evaluation image costs about this share of a training image (forward only).
+EVAL_COST = 0.4
+TIMED_STEPS = 5
+# A run without --width takes the widest of config.WIDTHS that fits this many epochs. The
+# gap between half and quarter width at equal time shrinks by about 0.2 points an epoch
+# (bench/results/ab-cpu-recipe.md), which puts the crossover near 3 epochs if it goes on
+# so; 6 keeps a margin.
+MIN_EPOCHS = 6
+
+
+def auto_preset(device: str) -> str:
+    """What ``--preset auto`` means on ``--device DEVICE``: the GPU recipe only on a GPU."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "fast" if cuda else "cpu"
+
+
+def make_config(overrides: dict[str, Any], config_file: str | None = None) -> TrainConfig:
+    """Defaults <- preset <- TOML file <- explicit overrides (flags), then type-checked; the
+    preset ``auto`` is resolved for this machine first, so no saved config holds it."""
+    given = config.settings(overrides, config_file)
+    preset = given.get("preset", "auto")
+    if preset == "auto":
+        preset = auto_preset(given.get("device", "auto"))
+    return config.merge(given, preset)
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The config of the run in ``run_dir``, with only the flags that are safe to change."""
+    return make_config(config.resumed_settings(run_dir, overrides))
+
+
+def resolve(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, dict[str, str]]:
+    """Fill the machine-dependent fields left as None, and say why each got its value."""
+    why = {}
+    cuda = device.type == "cuda"
+    pipeline = cfg.pipeline or default_pipeline(device)
+    reason = unavailable(pipeline, device)
+    if reason:
+        raise UserError(f"pipeline {pipeline!r} cannot run on {device}: {reason}")
+    if cfg.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401  (optional: only asked whether it is there)
+        except ImportError:
+            raise UserError(
+                "--tensorboard needs the tensorboard package: pip install 'fastmbv1[tensorboard]'"
+            ) from None
+    if cfg.sync_bn and not cuda:
+        raise UserError(
+            "--sync-bn needs CUDA GPUs under torchrun (SyncBatchNorm has no CPU kernel)"
+        )
+    defaults = {
+        "pipeline": (pipeline, "DALI is the default on a CUDA GPU where it is installed"),
+        "amp": ("bf16" if cuda else "off", "bf16 autocast is the default on a CUDA GPU only"),
+        "compile": (cuda, "torch.compile is the default on a CUDA GPU only"),
+    }
+    filled = {}
+    for name, (value, because) in defaults.items():
+        if getattr(cfg, name) is None:
+            filled[name] = value
+            shown = {True: "on", False: "off"}.get(value, value)
+            why[name] = f"{shown}: {because}"
+    if cfg.amp == "fp16" and not cuda:
+        why["amp"] = "fp16: slow on the CPU; bf16 or off is the usual choice"
+    if filled.get("compile", cfg.compile):
+        problem = compile_problem(device)
+        if problem:  # e.g. no C compiler for Inductor: train eager rather than not at all
+            filled["compile"] = False
+            why["compile"] = f"off: torch.compile failed on a tiny probe ({problem}); eager"
+    if cfg.width is None and cfg.epochs is not None:
+        filled["width"] = narrowest(cfg).width
+        why["width"] = f"{filled['width']:g}: --epochs is given, so the budget does not choose it"
+    return replace(cfg, **filled), why
+
+
+def fit_epochs(
+    cfg: TrainConfig, device: torch.device, world: World, start: float, steps: int, n_test: int
+) -> tuple[TrainConfig, dict[str, str]]:
+    """``cfg`` with ``epochs`` (and an automatic ``width``) set to what fits into what is left
+    of the budget, and why, by field. Used when ``--epochs`` is not given (the ``cpu``
+    preset's default), which also lets the width follow the budget when ``--width`` is not.
+
+    ``start``: when the run's clock started (``time.perf_counter``); ``steps``: training steps
+    per epoch; ``n_test``: test images (the final evaluation must fit too).
+    """
+    widths = WIDTHS if cfg.width is None else (cfg.width,)
+    tried = []
+    for width in widths:
+        per_rank = replace(cfg, width=width, batch_size=split_batch(cfg.batch_size, world))
+        speed = measure_step(per_rank, device, steps=TIMED_STEPS, warmup=1)["images_per_s"]
+        # Every rank must choose the same width and epochs: they agree on the slowest rank's
+        # speed and the time the latest one has used, and all compute the same from those.
+        slowest, used = world.max_over_ranks(-speed, time.perf_counter() - start)
+        speed = -slowest * world.size
+        final_eval = n_test * EVAL_COST * (2 if cfg.tta else 1) / speed
+        epoch_s = steps * cfg.batch_size / speed * (1 + EPOCH_OVERHEAD)
+        left_s = cfg.budget - used
+        fits = (left_s - final_eval - SAVE_RESERVE_S) / epoch_s
+        tried.append(f"{fits:.1f} epochs at width {width:g}")
+        if fits >= MIN_EPOCHS:
+            break
+    epochs = max(1, round(fits))
+    why = {
+        "epochs": f"{epochs}: measured {speed:,.0f} images/s on a random batch; the "
+        f"{left_s:.0f} s left of --budget {cfg.budget:g} fit about {fits:.1f} epochs at "
+        f"width {width:g}"
+    }
+    if cfg.width is None:
+        why["width"] = (
+            f"{width:g}: the widest of {', '.join(map(str, WIDTHS))} that fits {MIN_EPOCHS} "
+            f"epochs, else the narrowest; the budget fits {', '.join(tried)}"
+        )
+    return replace(cfg, width=width, epochs=epochs), why
+
+
+@dataclass
+class Plan:
+    """What a run was decided to be on this machine: its config, why, and its data."""
+
+    cfg: TrainConfig
+    why: dict[str, str]
+    train: Pipeline  # this rank's training batches
+    test: Pipeline  # this rank's share of the test set
+    n_test: int  # test images over all ranks
+
+
+def plan_run(cfg: TrainConfig, device: torch.device, world: World, start: float) -> Plan:
+    """Resolve ``cfg`` for ``device``, build its pipelines, and fit its epochs (and width) to
+    the budget if it leaves them open. Everything a user can get wrong is checked here,
+    before the run writes anything."""
+    cfg, why = resolve(cfg, device)
+    train, test, n_test = run_pipelines(cfg, device, world)
+    if cfg.epochs is None:  # as many as fit into the budget at the speed measured now
+        cfg, fitted = fit_epochs(cfg, device, world, start, len(train), n_test)
+        why.update(fitted)
+    return Plan(cfg, why, train, test, n_test)
