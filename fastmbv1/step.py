@@ -89,15 +89,17 @@ def build_run(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = WeightAverage(model, cfg.ema) if cfg.ema else None
 
-    def compiled(m: nn.Module) -> nn.Module:
-        return torch.compile(m, backend=COMPILE_BACKEND) if cfg.compile else m
+    def compiled(m: nn.Module, **kw) -> nn.Module:
+        return torch.compile(m, backend=COMPILE_BACKEND, **kw) if cfg.compile else m
 
     if cfg.compile:
         # Each run its own compile state: graphs of earlier runs in this process (a tuner's
         # trials) would otherwise fill dynamo's recompile limit and silently turn it off.
         torch._dynamo.reset()
     model_for_step = compiled(model)
-    model_for_eval = compiled(ema.model) if ema else model_for_step
+    # The evaluation has a batch of its own (evaluate pads the last one to it): compiled
+    # static, or dynamo, seeing a second batch size, would make the batch dimension symbolic.
+    model_for_eval = compiled(ema.model if ema else model, dynamic=False)
     if world.active:  # compile the module, then wrap it (PyTorch's guidance for DDP)
         ids = [device.index] if device.index is not None else None
         model_for_step = DistributedDataParallel(model_for_step, device_ids=ids)
