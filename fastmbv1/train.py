@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
 from fastmbv1 import augment, distributed
@@ -418,6 +419,8 @@ def finish(
         "budget_s": run.cfg.budget,
         "peak_memory_bytes": peak_memory(run.device),
         "device": device_name(run.device),
+        "ranks": world.size,
+        "ddp": isinstance(run.model_for_step, DistributedDataParallel),
         "versions": versions(),
         "preset": run.cfg.preset,
         "params": sum(p.numel() for p in run.model.parameters()),

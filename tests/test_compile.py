@@ -127,4 +127,3 @@ def test_two_gloo_ranks_train_compiled_in_step(tmp_path, data):
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
     assert json.loads((out / "summary.json").read_text())["compile_s"] > 0
-
