@@ -75,6 +75,11 @@ class TrainConfig:
         None, "autocast: bf16, fp16 (with grad scaler) or off", choices=("bf16", "fp16", "off")
     )
     compile: bool | None = opt(None, "torch.compile the model (default: on CUDA only)")
+    cuda_graphs: bool | None = opt(
+        None,
+        "capture the training step as a CUDA graph and replay it, one graph per image side "
+        "(default: on a CUDA GPU in one process, unless --amp fp16)",
+    )
     channels_last: bool = opt(True, "channels_last memory format for model and batches")
     ema: float = opt(
         0.0, "decay per step of an average of the weights that is evaluated and saved (0: off)"

@@ -12,6 +12,8 @@ from conftest import tiny_batches, tiny_config, write_archive
 import fastmbv1
 from fastmbv1 import plan
 from fastmbv1.config import TrainConfig, narrowest
+from fastmbv1.distributed import World
+from fastmbv1.errors import UserError
 from fastmbv1.evaluate import evaluate_checkpoint
 from fastmbv1.plan import make_config, resolve, resume_config
 from fastmbv1.train import train
@@ -36,6 +38,19 @@ def data(tmp_path):
 def test_auto_preset_follows_the_device(monkeypatch, cuda, fields, preset):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert make_config(fields).preset == preset
+
+
+def test_cuda_graphs_default_to_one_process_without_fp16_and_are_refused_elsewhere():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert plan.graphs_problem(cuda, "bf16", World()) is None
+    assert plan.graphs_problem(cuda, "off", World()) is None
+    assert "fp16" in plan.graphs_problem(cuda, "fp16", World())
+    assert "DDP" in plan.graphs_problem(cuda, "bf16", World(size=2))
+    assert "DDP" in plan.graphs_problem(cuda, "bf16", World(forced=True))
+    cfg, why = resolve(make_config({"device": "cpu"}), cpu)
+    assert cfg.cuda_graphs is False and why["cuda_graphs"].startswith("off: CUDA graphs need")
+    with pytest.raises(UserError, match="--cuda-graphs: CUDA graphs need a CUDA GPU"):
+        resolve(make_config({"device": "cpu", "cuda_graphs": True}), cpu)
 
 
 def test_auto_never_reaches_a_saved_config_and_resume_keeps_the_resolved_one(
