@@ -25,6 +25,7 @@ import torch
 
 from fastmbv1 import config
 from fastmbv1.clock import SAVE_RESERVE_S
+from fastmbv1.compile_cache import read_record, setting_key
 from fastmbv1.config import WIDTHS, TrainConfig, narrowest
 from fastmbv1.data import run_pipelines
 from fastmbv1.distributed import World, split_batch
@@ -38,6 +39,10 @@ EPOCH_OVERHEAD = 0.05
 # An evaluation image costs about this share of a training image (forward only).
 EVAL_COST = 0.4
 TIMED_STEPS = 5
+# What a cold torch.compile of the training and evaluation graphs is assumed to take on a GPU
+# until the machine has recorded its own (fastmbv1.compile_cache): the low end of a desk
+# review's 60-130 s (issue 23), not a measurement.
+COLD_COMPILE_GUESS_S = 60.0
 # A run without --width takes the widest of config.WIDTHS that fits this many epochs. The
 # gap between half and quarter width at equal time shrinks by about 0.2 points an epoch
 # (bench/results/ab-cpu-recipe.md), which puts the crossover near 3 epochs if it goes on
@@ -183,12 +188,62 @@ class Plan:
     n_test: int  # test images over all ranks
 
 
+def compile_pays(
+    compile_s: float, steps: float, eager_step_s: float, compiled_step_s: float | None = None
+) -> tuple[bool, float]:
+    """(whether it pays, the seconds it can save): compiling, expected to take
+    ``compile_s``, pays if it saves more over ``steps`` steps, which is their eager time less
+    their compiled time, or, with no compiled step measured yet, at most all of their time."""
+    share = 1 - compiled_step_s / eager_step_s if compiled_step_s else 1.0
+    saving = steps * eager_step_s * share
+    return compile_s < saving, saving
+
+
+def compile_by_budget(
+    cfg: TrainConfig, device: torch.device, world: World, start: float, steps: int
+) -> tuple[TrainConfig, str]:
+    """``cfg`` compiled or eager, as the expected compile time pays back within the budget,
+    and why. The compile's seconds and the step's with and without it come from this
+    machine's record (``fastmbv1.compile_cache``) where runs have measured them; the eager
+    step is otherwise timed now, and a compile never recorded here is assumed to take
+    ``COLD_COMPILE_GUESS_S``. ``steps``: training steps per epoch."""
+    per_rank = replace(cfg, batch_size=split_batch(cfg.batch_size, world))
+    record = read_record(setting_key(cfg, device, per_rank.batch_size))
+    if "warm_s" in record:
+        expected, source = record["warm_s"], "as its last warm compile here"
+    elif "cold_s" in record:
+        expected, source = record["cold_s"], "as its last compile here, cold"
+    else:
+        expected, source = COLD_COMPILE_GUESS_S, "an estimate: none recorded on this machine"
+    eager = (
+        record.get("eager_step_s")
+        or measure_step(
+            replace(per_rank, compile=False), device, steps=TIMED_STEPS, warmup=TIMED_STEPS
+        )["step_s"]
+    )
+    left = cfg.budget - (time.perf_counter() - start)
+    total = min(cfg.epochs * steps if cfg.epochs else float("inf"), max(left, 0.0) / eager)
+    pays, saving = compile_pays(expected, total, eager, record.get("compiled_step_s"))
+    (someone_refuses,) = world.max_over_ranks(float(not pays))  # every rank the same
+    how_much = f"{saving:.0f} s" if "compiled_step_s" in record else f"at most {saving:.0f} s"
+    weighed = (
+        f"a compile expected to take {expected:.0f} s ({source}) against the {how_much} "
+        f"it can save over {total:.0f} steps of {eager * 1000:.1f} ms"
+    )
+    if someone_refuses:
+        return replace(cfg, compile=False), f"off: it cannot pay back: {weighed}; eager"
+    return cfg, f"on: it pays back: {weighed}"
+
+
 def plan_run(cfg: TrainConfig, device: torch.device, world: World, start: float) -> Plan:
     """Resolve ``cfg`` for ``device``, build its pipelines, and fit its epochs (and width) to
     the budget if it leaves them open. Everything a user can get wrong is checked here,
     before the run writes anything."""
+    compile_left_open = cfg.compile is None
     cfg, why = resolve(cfg, device, world)
     train, test, n_test = run_pipelines(cfg, device, world)
+    if compile_left_open and cfg.compile and device.type == "cuda":
+        cfg, why["compile"] = compile_by_budget(cfg, device, world, start, len(train))
     if cfg.epochs is None:  # as many as fit into the budget at the speed measured now
         cfg, fitted = fit_epochs(cfg, device, world, start, len(train), n_test)
         why.update(fitted)

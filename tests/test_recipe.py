@@ -203,3 +203,15 @@ def test_a_resumed_run_keeps_the_reasons_for_its_fitted_recipe(tmp_path, data, m
     train(resume_config(run, {}), resume=str(run))
     assert json.loads((run / "config.json").read_text())["why"]["epochs"] == fitted
     assert json.loads((run / "summary.json").read_text())["why"]["epochs"] == fitted
+
+
+def test_compile_pays_only_when_it_saves_more_than_it_costs():
+    # 2,910 steps of 6 ms (the fast recipe as the review estimates it on an H100): 17.5 s of
+    # eager training can never pay for a 60 s compile, even at an infinite speed-up.
+    pays, saving = plan.compile_pays(60.0, 2910, 0.006)
+    assert not pays and saving == pytest.approx(17.46)
+    assert plan.compile_pays(60.0, 30_000, 0.006)[0]  # a long run can afford it
+    # A measured compiled step bounds the saving: 30,000 steps at 6 ms -> 5 ms saves 30 s.
+    pays, saving = plan.compile_pays(60.0, 30_000, 0.006, compiled_step_s=0.005)
+    assert not pays and saving == pytest.approx(30.0)
+    assert plan.compile_pays(20.0, 30_000, 0.006, compiled_step_s=0.005)[0]  # warm cache
