@@ -215,17 +215,18 @@ def compile_by_budget(
         expected, source = record["cold_s"], "as its last compile here, cold"
     else:
         expected, source = COLD_COMPILE_GUESS_S, "an estimate: none recorded on this machine"
-    eager = (
-        record.get("eager_step_s")
-        or measure_step(
+    if "eager_step_s" in record:  # both step times from runs, if the compiled one is known
+        eager, compiled = record["eager_step_s"], record.get("compiled_step_s")
+    else:  # the step alone, timed now: comparable to no run's figure
+        timed = measure_step(
             replace(per_rank, compile=False), device, steps=TIMED_STEPS, warmup=TIMED_STEPS
-        )["step_s"]
-    )
+        )
+        eager, compiled = timed["step_s"], None
     left = cfg.budget - (time.perf_counter() - start)
     total = min(cfg.epochs * steps if cfg.epochs else float("inf"), max(left, 0.0) / eager)
-    pays, saving = compile_pays(expected, total, eager, record.get("compiled_step_s"))
+    pays, saving = compile_pays(expected, total, eager, compiled)
     (someone_refuses,) = world.max_over_ranks(float(not pays))  # every rank the same
-    how_much = f"{saving:.0f} s" if "compiled_step_s" in record else f"at most {saving:.0f} s"
+    how_much = f"{saving:.0f} s" if compiled else f"at most {saving:.0f} s"
     weighed = (
         f"a compile expected to take {expected:.0f} s ({source}) against the {how_much} "
         f"it can save over {total:.0f} steps of {eager * 1000:.1f} ms"
