@@ -1,7 +1,9 @@
 """Does DALI import and run here? Its CPU operators on four images, no torch needed.
 
 The dry run of the GPU machine's install (bench/gpu/README.md): under any Python with
-numpy, with DALI and the wheels that bench/gpu/wheels.sh installs on its PYTHONPATH.
+numpy, with DALI and the wheels that bench/gpu/wheels.sh installs on its PYTHONPATH. The
+operators of pipelines/dali.py are written out here rather than imported, since that module
+imports torch, which the dry run's bare Python 3.12 does not have.
 """
 
 import sys
