@@ -83,8 +83,8 @@ def symbolic_inputs(gm) -> list[str]:
 def test_the_eval_graph_compiles_after_the_first_step_with_a_static_batch(
     tmp_path, data, counting, monkeypatch
 ):
-    # 40 test images in batches of 32 (the training batch is 16): the last batch of 8 is
-    # padded to 32, so the eval graph that the warm-up compiled serves every evaluation as
+    # 40 test images in batches of 16 (the training batch is 32): the last batch of 8 is
+    # padded to 16, so the eval graph that the warm-up compiled serves every evaluation as
     # it is, and its batch is a number, not a symbol that dynamo made dynamic.
     real, seen = train_module.evaluate_run, []
 
@@ -95,7 +95,7 @@ def test_the_eval_graph_compiles_after_the_first_step_with_a_static_batch(
         return acc
 
     monkeypatch.setattr(train_module, "evaluate_run", watched)
-    summary = train(config(tmp_path, data, epochs=2, eval_batch_size=32, batch_size=16)).summary
+    summary = train(config(tmp_path, data, epochs=2, eval_batch_size=16)).summary
     assert seen == [0, 0]  # no evaluation compiled anything: the warm-up did, and counted it
     assert summary["compile_s"] > 0
     model_graphs = [g for g in counting.graphs if len(g.graph.nodes) > 50]
