@@ -24,6 +24,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from fastmbv1.config import TrainConfig
+from fastmbv1.errors import UserError
 from fastmbv1.machine import device_name
 
 RECORD = "fastmbv1-compile-times.json"
@@ -84,7 +85,11 @@ class CompileCache:
         self.loaded: int | None = None  # artifacts loaded at start
         self.saved: int | None = None  # bytes of artifacts written after compiling
         if cfg.compile and self.artifacts is not None and self.artifacts.is_file():
-            info = torch.compiler.load_cache_artifacts(self.artifacts.read_bytes())
+            try:
+                raw = self.artifacts.read_bytes()
+            except OSError as e:
+                raise UserError(f"--compile-artifacts {self.artifacts}: {e.strerror}") from None
+            info = torch.compiler.load_cache_artifacts(raw)  # None if they do not unpack
             self.loaded = sum(len(keys) for keys in info.artifacts.values()) if info else 0
         self.before = snapshot()
 
@@ -92,10 +97,14 @@ class CompileCache:
         """After the run's graphs are compiled: write the artifacts file if it is wanted."""
         if self.cfg.compile and self.artifacts is not None and self.loaded is None:
             result = torch.compiler.save_cache_artifacts()
-            if result is not None:
+            if result is None:
+                return
+            try:
                 self.artifacts.parent.mkdir(parents=True, exist_ok=True)
                 self.artifacts.write_bytes(result[0])
                 self.saved = len(result[0])
+            except OSError as e:  # the run itself is fine: say so and go on
+                print(f"warning: --compile-artifacts {self.artifacts}: {e.strerror}", flush=True)
 
     def finish(self, compile_s: float, step_s: float | None) -> dict:
         """Record this run in its setting's record; summary.json's ``compile`` entry.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import itertools
 
+from fastmbv1.errors import UserError
 from fastmbv1.measure.inputs import step_trace
 from fastmbv1.measure.results import Table
 from fastmbv1.models import MODELS
@@ -18,6 +19,8 @@ ON_OFF = {"on": True, "off": False}
 
 def bench_step(args: argparse.Namespace, device) -> Table:
     both = ["off", "on"] if device.type == "cuda" else ["off"]
+    if device.type != "cuda" and "on" in (args.cuda_graphs or ()):
+        raise UserError("--cuda-graphs on needs a CUDA GPU")
     grid = itertools.product(
         args.models or sorted(MODELS),
         args.widths,
