@@ -81,6 +81,7 @@ class CompileCache:
 
     def __init__(self, cfg: TrainConfig, device: torch.device, batch_size: int):
         self.cfg, self.key = cfg, setting_key(cfg, device, batch_size)
+        self.cuda = device.type == "cuda"
         self.artifacts = Path(cfg.compile_artifacts) if cfg.compile_artifacts else None
         self.loaded: int | None = None  # artifacts loaded at start
         self.saved: int | None = None  # bytes of artifacts written after compiling
@@ -113,7 +114,8 @@ class CompileCache:
         step's seconds (None if the run took too few steps to tell).
         """
         if not self.cfg.compile:
-            record = update_record(self.key, eager_step_s=step_s) if step_s else {}
+            # An eager step's time only serves the decision to compile on CUDA (plan.py).
+            record = update_record(self.key, eager_step_s=step_s) if step_s and self.cuda else {}
             return {"compiled": False, **record}
         looked = {name: n - self.before[name] for name, n in snapshot().items()}
         found = (looked["fxgraph_hits"] > 0, looked["fxgraph_misses"] > 0)

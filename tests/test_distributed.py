@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -148,3 +149,23 @@ def test_one_rank_forced_into_ddp_trains_through_the_ddp_wrapper(tmp_path, monke
         distributed.shutdown()
     assert isinstance(built[0].model_for_step, DistributedDataParallel)
     assert summary["ddp"] is True and summary["ranks"] == 1
+
+
+def test_the_gpu_checks_ddp1_run_is_forced_through_ddp(tmp_path, monkeypatch):
+    # The check's one-rank DDP run is the run above: torchrun with one rank, FASTMBV1_DDP=1,
+    # and otherwise the same flags as the eager run it is compared with.
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("check", ROOT / "bench" / "gpu" / "check.py")
+    check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "check", check)  # its dataclasses look themselves up
+    spec.loader.exec_module(check)
+    phases = {p.name: p for p in check.plan("cuda", "d.tar.gz", False, tmp_path, True, tmp_path)}
+    ddp, eager = phases["train-eager-ddp1"], phases["train-eager"]
+    assert ddp.env == {"FASTMBV1_DDP": "1"} and eager.env == {}
+    assert ddp.argv[2:7] == ["torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m"]
+    assert ddp.argv[7:] == [a.replace("train-eager", "train-eager-ddp1") for a in eager.argv[2:]]
+    # Training runs first, each with its budget reserved, then the benches.
+    assert [p.train for p in phases.values()] == [True] * 4 + [False] * 4

@@ -66,6 +66,7 @@ def measure_loader(
         "seconds": seconds,
         "images_per_s": count / seconds,
         "host_ms_per_batch": 1000 * host / max(batches, 1),
+        "chunk": getattr(pipeline, "chunk", None),  # DALI's batches per run
         **options,
     }
 
