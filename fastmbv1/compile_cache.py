@@ -20,8 +20,6 @@ import os
 from pathlib import Path
 
 import torch
-from torch._dynamo.utils import counters
-from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from fastmbv1.config import TrainConfig
 from fastmbv1.errors import UserError
@@ -48,6 +46,22 @@ def setting_key(cfg: TrainConfig, device: torch.device, batch_size: int) -> str:
     return " ".join(map(str, parts))
 
 
+# torch._dynamo and torch._inductor take seconds to import, which every command (even
+# `fastmbv1 --help`) would pay at start: they are imported where a compiled run needs them.
+def cache_dir() -> str:
+    """Inductor's cache folder (created if missing)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
+def snapshot() -> dict[str, int]:
+    """The cache lookups counted so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return {name: counters[group][counter] for group, counter, name in COUNTED}
+
+
 def read_record(key: str) -> dict:
     """This machine's record for setting ``key``: ``cold_s``, ``warm_s``, ``compiled_step_s``,
     ``eager_step_s``, each where a run has measured it (an empty dict if none has)."""
@@ -71,10 +85,6 @@ def update_record(key: str, **values: float) -> dict:
     return records[key]
 
 
-def snapshot() -> dict[str, int]:
-    return {name: counters[group][counter] for group, counter, name in COUNTED}
-
-
 class CompileCache:
     """One run's view of the compile caches: artifacts loaded at start, cache lookups counted
     from ``start`` on, and the record of its setting updated when it ``finish``es."""
@@ -92,7 +102,7 @@ class CompileCache:
                 raise UserError(f"--compile-artifacts {self.artifacts}: {e.strerror}") from None
             info = torch.compiler.load_cache_artifacts(raw)  # None if they do not unpack
             self.loaded = sum(len(keys) for keys in info.artifacts.values()) if info else 0
-        self.before = snapshot()
+        self.before = snapshot() if cfg.compile else {}
 
     def compiled(self) -> None:
         """After the run's graphs are compiled: write the artifacts file if it is wanted."""
