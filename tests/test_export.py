@@ -1,6 +1,6 @@
 import pytest
 import torch
-import torch.nn as nn
+from conftest import with_data_statistics
 
 from fastmbv1.checkpoint import save_model
 from fastmbv1.cli import main
@@ -18,14 +18,9 @@ def saved(tmp_path_factory, request) -> tuple:
     """A model file whose BN statistics come from data, so the logits have a sane scale."""
     name, tta = request.param
     kwargs = {"width": 0.25, "tta": tta}
-    model = build_model(name, **kwargs)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: one batch sets the statistics outright
-    with torch.no_grad():
-        model.train()(torch.rand(64, 3, 32, 32))
+    model = with_data_statistics(build_model(name, **kwargs))
     path = tmp_path_factory.mktemp("export") / "final.pt"
-    save_model(path, model.eval(), name, kwargs)
+    save_model(path, model, name, kwargs)
     x = torch.rand(5, 3, 32, 32)  # not the batch size of the export example
     with torch.no_grad():
         return path, x, model(x).numpy()
