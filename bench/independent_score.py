@@ -2,6 +2,9 @@
 straight from the CIFAR-10 archive with pickle (not through the project's data loader).
 
     python bench/independent_score.py RUN_DIR [ARCHIVE]   # prints one JSON line
+
+The tests score runs with ``score`` too, so that a fault shared by the trainer's evaluation
+and ``fastmbv1 eval`` (decoding, pipeline, ``evaluate``) cannot hide itself.
 """
 
 import json
@@ -18,23 +21,29 @@ import fastmbv1
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10/cifar-10-python.tar.gz"
 
 
-def main() -> None:
-    run = Path(sys.argv[1])
-    archive = sys.argv[2] if len(sys.argv) > 2 else ARCHIVE
-    model = fastmbv1.load(run / "final.pt")
+def score(model_file, archive=ARCHIVE, limit: int | None = None) -> float:
+    """Test accuracy (percent) of ``fastmbv1.load(model_file)`` on the archive's test batch
+    (its first ``limit`` images, as ``--test-limit`` takes them)."""
+    model = fastmbv1.load(model_file)
     with tarfile.open(archive) as tar:
         test = pickle.load(tar.extractfile("cifar-10-batches-py/test_batch"), encoding="bytes")
-    images = np.asarray(test[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    images = np.asarray(test[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)[:limit]
     x = torch.from_numpy(images).float().div(255)
-    y = torch.tensor(test[b"labels"])
+    y = torch.tensor(test[b"labels"])[:limit]
     with torch.no_grad():
         correct = sum(
             (model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum().item()
             for i in range(0, len(x), 1000)
         )
+    return 100 * correct / len(x)
+
+
+def main() -> None:
+    run = Path(sys.argv[1])
+    archive = sys.argv[2] if len(sys.argv) > 2 else ARCHIVE
     summary = json.loads((run / "summary.json").read_text())
     print(json.dumps({
-        "run": str(run), "independent_test_acc": 100 * correct / len(x),
+        "run": str(run), "independent_test_acc": score(run / "final.pt", archive),
         "reported_final_test_acc": summary["final_test_acc"],
     }))  # fmt: skip
 

@@ -54,6 +54,9 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.pt")
 EVAL_SHARE = 0.02
 # Without a GPU, checking the loss every step is free; on CUDA it would sync each step.
 NAN_CHECK_EVERY = {"cpu": 1, "cuda": 25}
+# Without --checkpoint-every, a run whose first epoch took longer than this many seconds of
+# training saves a checkpoint after every epoch (a crash would lose more than it costs).
+AUTO_CHECKPOINT_EPOCH_S = 60.0
 
 
 def prepare_out(cfg: TrainConfig, resume: str | None, overwrite: bool, write: bool) -> Path:
@@ -399,7 +402,7 @@ def train(
                 stop = stop or "on_epoch"
             if cfg.target_acc is not None and test_acc is not None and test_acc >= cfg.target_acc:
                 stop = stop or "target_acc"
-            every = every if every is not None else int(e.train_s > 60)  # auto: slow epochs
+            every = every if every is not None else int(e.train_s > AUTO_CHECKPOINT_EPOCH_S)
             if stop == "signal" or (every and totals.epochs_done % every == 0):
                 saved = save()
     if stop == "signal":

@@ -84,6 +84,19 @@ def real_cifar(real_cifar_path, real_cache, monkeypatch):
     return load_cifar10(real_cifar_path)
 
 
+def with_data_statistics(model):
+    """``model`` in eval mode with BN statistics of one batch of random images, not the
+    defaults: its logits have a sane scale and its answers differ from image to image."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: one batch sets the statistics outright
+    with torch.no_grad():
+        model.train()(torch.rand(64, 3, 32, 32))
+    return model.eval()
+
+
 def logits_in_fresh_process(path: Path, x, tmp_path: Path):
     """What ``fastmbv1.load(path)`` returns for ``x`` in a new Python process."""
     import subprocess
@@ -99,6 +112,20 @@ def logits_in_fresh_process(path: Path, x, tmp_path: Path):
     args = [str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")]
     subprocess.run([sys.executable, "-c", code, *args], check=True, timeout=120)
     return torch.load(tmp_path / "y.pt")
+
+
+def independent_score(model_file: Path, archive: Path, limit: int | None = None) -> float:
+    """Test accuracy (percent) of a saved model by ``bench/independent_score.py``: the test
+    batch (its first ``limit`` images) read from the archive with pickle, none of the
+    trainer's data or evaluation code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "independent_score", ROOT / "bench" / "independent_score.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.score(model_file, archive, limit)
 
 
 def tiny_config(tmp_path: Path, data, name: str = "run", **fields):

@@ -1,10 +1,17 @@
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import logits_in_fresh_process
+from conftest import (
+    independent_score,
+    logits_in_fresh_process,
+    tiny_batches,
+    with_data_statistics,
+    write_archive,
+)
 
 import fastmbv1
 from fastmbv1.checkpoint import save_model
@@ -72,32 +79,23 @@ def test_bad_model_files_are_one_line_errors(tmp_path, damage):
     assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
-def test_eval_cli_prints_accuracy_and_reports_bad_files(tmp_path, tiny_archive):
-    _, path = saved(tmp_path, width=0.25)
+def test_eval_cli_prints_the_saved_models_accuracy_and_reports_bad_files(tmp_path):
+    data = write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=200))
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt"
+    # BN statistics from data, so that its answers vary: another test set, or images decoded
+    # otherwise, would score otherwise.
+    model = with_data_statistics(build_model("mobilenet_v1", width=0.25))
+    save_model(path, model, "mobilenet_v1", {"width": 0.25})
+    eval_cli = [sys.executable, "-m", "fastmbv1", "eval", "--checkpoint", str(path)]
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastmbv1",
-            "eval",
-            "--checkpoint",
-            str(path),
-            "--data",
-            str(tiny_archive),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [*eval_cli, "--data", str(data)], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, r.stderr
-    assert "test accuracy:" in r.stdout
+    printed = re.fullmatch(r"test accuracy: ([0-9.]+) %", r.stdout.strip())
+    assert printed and float(printed[1]) == round(independent_score(path, data), 2)
     path.write_bytes(b"junk")
-    r = subprocess.run(
-        [sys.executable, "-m", "fastmbv1", "eval", "--checkpoint", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = subprocess.run(eval_cli, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 

@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +51,8 @@ def free_port() -> int:
 
 
 def rank_main(rank, world, port, data, out, cache, fields=None):
-    """One torchrun-like rank: train a tiny run (``fields`` override it), save its weights."""
+    """One torchrun-like rank: train a tiny run (``fields`` override it); save its weights, and
+    what it was given to train and evaluate on."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -60,10 +62,24 @@ def rank_main(rank, world, port, data, out, cache, fields=None):
         FASTMBV1_CACHE=cache,
     )
     torch.set_num_threads(1)
+    import fastmbv1.plan
+    import fastmbv1.train
     from fastmbv1 import distributed
     from fastmbv1.plan import make_config
     from fastmbv1.train import train
 
+    pipelines, counts = [], []
+    real_pipelines, real_evaluate = fastmbv1.plan.run_pipelines, fastmbv1.train.evaluate
+
+    def run_pipelines(*args):
+        pipelines.extend(real_pipelines(*args))
+        return tuple(pipelines)
+
+    def evaluate(*args):
+        counts.append(real_evaluate(*args))
+        return counts[-1]
+
+    fastmbv1.plan.run_pipelines, fastmbv1.train.evaluate = run_pipelines, evaluate
     cfg = make_config(
         {
             "preset": "cpu",
@@ -79,15 +95,26 @@ def rank_main(rank, world, port, data, out, cache, fields=None):
     )
     result = train(cfg)
     torch.save(result.model.state_dict(), f"{out}.rank{rank}.pt")
+    train_pipe, test_pipe, _ = pipelines
+    seen = {
+        "train": [train_pipe.indices(e).tolist() for e in range(cfg.epochs)],
+        "test": test_pipe.indices(0).tolist(),
+        "final_eval": counts[-1],
+        "summed": distributed.init(torch.device("cpu")).sum([rank + 1, 10], torch.device("cpu")),
+    }
+    (Path(f"{out}.rank{rank}.json")).write_text(json.dumps(seen))
     distributed.shutdown()
 
 
+@pytest.mark.timeout(300)  # a rank left waiting in a collective fails here, not hangs
 def test_two_ranks_train_in_step(tmp_path):
     data = write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
     out = tmp_path / "run"
+    # 39 test images: shards of 20 and 19, so one rank's accuracy alone cannot pass for
+    # the gathered one unless both are 0 % or 100 %.
     mp.spawn(
         rank_main,
-        args=(2, free_port(), str(data), str(out), str(tmp_path / "cache")),
+        args=(2, free_port(), str(data), str(out), str(tmp_path / "cache"), {"test_limit": 39}),
         nprocs=2,
         join=True,
     )
@@ -95,29 +122,46 @@ def test_two_ranks_train_in_step(tmp_path):
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
     # Only rank 0 wrote: one line per epoch, the usual files and nothing else.
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "final.pt",
         "metrics.jsonl",
         "summary.json",
     ]
-    # The accuracy gathered over both ranks' halves of the test set is the single-process one.
+    # Each rank trains on its own half of the 200 images: 6 whole batches of 16 of its 100
+    # an epoch (the whole set on every rank would be 12); the halves are disjoint, and each
+    # epoch draws them anew.
+    assert [r["step"] for r in records] == [6, 12]
+    seen = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    for epoch in range(2):
+        halves = [set(s["train"][epoch]) for s in seen]
+        assert len(halves[0]) == len(halves[1]) == 96 and not halves[0] & halves[1]
+    assert seen[0]["train"][0] != seen[0]["train"][1]
+    # The test set too: disjoint shards of 20 and 19 that cover it, counts summed over ranks.
+    assert [len(s["test"]) for s in seen] == [20, 19]
+    assert sorted(seen[0]["test"] + seen[1]["test"]) == list(range(39))
+    assert [s["summed"] for s in seen] == [[3, 20], [3, 20]]
+    (c0, n0), (c1, n1) = (s["final_eval"] for s in seen)
+    assert (n0, n1) == (20, 19)
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_test_acc"] == pytest.approx(100.0 * (c0 + c1) / 39)
+    assert 0 < c0 + c1 < 39  # else one rank's share alone would give the same figure
+    # And that is what a single process scores with the saved model.
     model = fastmbv1.load(out / "final.pt")
     cifar = load_cifar10(data, cache_dir=tmp_path / "cache")
     test = build_pipeline(
         "torch",
-        cifar.test_images,
-        cifar.test_labels,
+        cifar.test_images[:39],
+        cifar.test_labels[:39],
         batch_size=50,
         train=False,
         device="cpu",
         seed=0,
     )
     correct, total = evaluate(model, test, torch.device("cpu"))
-    assert total == 40
+    assert total == 39
     assert summary["final_test_acc"] == pytest.approx(100.0 * correct / total)
 
 

@@ -1,27 +1,26 @@
 import pytest
 import torch
-import torch.nn as nn
+from conftest import with_data_statistics
 
 from fastmbv1.checkpoint import save_model
 from fastmbv1.cli import main
 from fastmbv1.models import build_model
 
-NAME = "custom_mobilenet"
 
-
-# With test-time flips inside the model, the exported graph must average them too.
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "tta"])
+# The shipped model (mobilenet_v1, flip TTA on by default) and the original custom one; with
+# test-time flips inside the model, the exported graph must average them too.
+@pytest.fixture(
+    scope="module",
+    params=[("mobilenet_v1", True), ("custom_mobilenet", False), ("custom_mobilenet", True)],
+    ids=["mobilenet_v1-tta", "custom-plain", "custom-tta"],
+)
 def saved(tmp_path_factory, request) -> tuple:
     """A model file whose BN statistics come from data, so the logits have a sane scale."""
-    KWARGS = {"width": 0.25, "tta": request.param}
-    model = build_model(NAME, **KWARGS)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: one batch sets the statistics outright
-    with torch.no_grad():
-        model.train()(torch.rand(64, 3, 32, 32))
+    name, tta = request.param
+    kwargs = {"width": 0.25, "tta": tta}
+    model = with_data_statistics(build_model(name, **kwargs))
     path = tmp_path_factory.mktemp("export") / "final.pt"
-    save_model(path, model.eval(), NAME, KWARGS)
+    save_model(path, model, name, kwargs)
     x = torch.rand(5, 3, 32, 32)  # not the batch size of the export example
     with torch.no_grad():
         return path, x, model(x).numpy()

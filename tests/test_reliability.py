@@ -9,12 +9,14 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_batches, tiny_config, write_archive
+from conftest import independent_score, tiny_batches, tiny_config, write_archive
 
-import fastmbv1
+import fastmbv1.train
 from fastmbv1 import augment
 from fastmbv1.checkpoint import latest_training_state
-from fastmbv1.errors import Diverged, Interrupted, UserError
+from fastmbv1.cli import main
+from fastmbv1.errors import Interrupted, UserError
+from fastmbv1.schedule import lr_factor
 from fastmbv1.train import train
 
 FLAGS = [
@@ -129,7 +131,8 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path, data):
     )
     assert r.returncode == 0, r.stderr
     assert records(out)[0]["epoch"] == 1 and records(out)[-1]["epoch"] > state["epoch"]
-    assert fastmbv1.load(out / "final.pt") is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert independent_score(out / "final.pt", data) == summary["final_test_acc"]
 
 
 SLOW_SECOND_SAVE = """
@@ -175,7 +178,11 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, data
     assert [x["epoch"] for x in records(out)] == [1, 2, 3, 4]
 
 
-def test_nan_is_caught_at_its_step(tmp_path, data, monkeypatch):
+# Window 1 is the CPU's check after every step; window 2 runs the CUDA path, which checks a
+# window of steps at once (25 there), so the step named must be found inside the window.
+@pytest.mark.parametrize("window", [1, 2])
+def test_nan_exits_4_naming_its_step_and_lr(tmp_path, data, monkeypatch, capsys, window):
+    monkeypatch.setitem(fastmbv1.train.NAN_CHECK_EVERY, "cpu", window)
     real, calls = augment.mixed_loss, []
 
     def poisoned(*args):
@@ -184,13 +191,43 @@ def test_nan_is_caught_at_its_step(tmp_path, data, monkeypatch):
         return loss * float("nan") if len(calls) == 9 else loss
 
     monkeypatch.setattr(augment, "mixed_loss", poisoned)
-    cfg = config(tmp_path, data, epochs=3)  # 6 steps per epoch: step 9 is in epoch 2
-    with pytest.raises(Diverged, match=r"step 9 \(epoch 2, lr [0-9.e-]+\)") as e:
-        train(cfg)
-    assert "\n" not in str(e.value)
-    state, _ = latest_training_state(tmp_path / "run")
+    out = tmp_path / "run"
+    # 6 steps an epoch, 18 in all: step 9 is the third of epoch 2.
+    args = ["train", *FLAGS, "--data", str(data), "--out", str(out), "--epochs", "3"]
+    assert main(args) == 4
+    lr = 0.2 * lr_factor("onecycle", 8 / 18, 1, warmup=0.2, decay=0.94)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(
+        f"fastmbv1 train: error: loss became nan at step 9 (epoch 2, lr {lr:.4g})"
+    )
+    assert len(calls) == 9 + (window > 1)  # stopped at the end of the window holding it
+    state, _ = latest_training_state(out)
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model_record"]["state_dict"].values())
+    assert not (out / "final.pt").exists()
+
+
+def test_a_second_sigint_stops_at_once(tmp_path, data, monkeypatch, capsys):
+    real, calls = augment.mixed_loss, []
+
+    def interrupted_twice(*args):
+        calls.append(1)
+        if len(calls) == 9:  # in epoch 2: the first asks to finish the step, the second stops
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(augment, "mixed_loss", interrupted_twice)
+    out = tmp_path / "run"
+    args = ["train", *FLAGS, "--data", str(data), "--out", str(out), "--epochs", "3"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert (
+        "SIGINT: finishing this step and saving a checkpoint (SIGINT again to stop at once)" in err
+    )
+    assert err.strip().splitlines()[-1] == "fastmbv1 train: interrupted"
+    assert len(calls) == 9  # not even step 9 finished
+    assert sorted(p.name for p in out.glob("*.pt")) == ["checkpoint-0001.pt"]
 
 
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, data, monkeypatch):
@@ -305,6 +342,20 @@ def test_two_runs_with_one_seed_are_identical(tmp_path, data):
     b = train(config(tmp_path, data, "b", epochs=2))
     for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(x, y), k
+
+
+def test_checkpoints_every_epoch_when_epochs_are_slow_and_keep_the_newest(
+    tmp_path, data, monkeypatch
+):
+    monkeypatch.setattr(fastmbv1.train, "AUTO_CHECKPOINT_EPOCH_S", 0.0)  # every epoch is slow
+    slow = train(config(tmp_path, data, "slow", epochs=3, checkpoint_every=None, keep=2)).out
+    assert sorted(p.name for p in slow.glob("checkpoint-*.pt")) == [
+        "checkpoint-0002.pt",
+        "checkpoint-0003.pt",
+    ]
+    monkeypatch.setattr(fastmbv1.train, "AUTO_CHECKPOINT_EPOCH_S", float("inf"))
+    quick = train(config(tmp_path, data, "quick", epochs=2, checkpoint_every=None)).out
+    assert not list(quick.glob("checkpoint-*.pt")) and (quick / "final.pt").exists()
 
 
 def test_overwrite_clears_the_old_runs_checkpoints(tmp_path, data):

@@ -1,11 +1,12 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_batches, tiny_config, write_archive
+from conftest import independent_score, tiny_batches, tiny_config, write_archive
 
 import fastmbv1
 from fastmbv1.config import PRESETS, TrainConfig
@@ -36,7 +37,11 @@ def tiny_data(tmp_path):
 
 def test_short_real_run_writes_every_output(tmp_path, real_cifar_path, real_cache, monkeypatch):
     monkeypatch.setenv("FASTMBV1_CACHE", str(real_cache))
-    cfg = tiny_config(tmp_path, real_cifar_path, train_limit=1024, test_limit=500, epochs=2)
+    # With the weights' average and flip TTA: what is evaluated and saved is neither the raw
+    # weights nor the single view.
+    cfg = tiny_config(
+        tmp_path, real_cifar_path, train_limit=1024, test_limit=500, epochs=2, ema=0.9, tta=True
+    )
     result = train(cfg)
     out = tmp_path / "run"
     assert json.loads((out / "config.json").read_text())["pipeline"] == "torch"
@@ -44,7 +49,8 @@ def test_short_real_run_writes_every_output(tmp_path, real_cifar_path, real_cach
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
         assert r.keys() >= RECORD_FIELDS
-        assert r["test_acc"] is not None and r["images_per_s"] > 0
+        assert r["test_acc"] is not None
+        assert r["images_per_s"] == pytest.approx(1024 / r["train_s"])  # 32 batches of 32
     summary = json.loads((out / "summary.json").read_text())
     for key in (
         "final_test_acc",
@@ -59,7 +65,10 @@ def test_short_real_run_writes_every_output(tmp_path, real_cifar_path, real_cach
     ):
         assert key in summary
     assert set(summary["time_to_accuracy"]) == {"80", "85", "90", "92", "93", "94"}
-    assert summary["final_test_acc"] == records[-1]["test_acc"]
+    # The reported accuracy is what final.pt scores on the same 500 real test images, read
+    # with pickle and fastmbv1.load alone (one image of slack for rounding at a near tie).
+    independent = independent_score(out / "final.pt", real_cifar_path, limit=500)
+    assert summary["final_test_acc"] == pytest.approx(independent, abs=0.2)
 
     loaded = fastmbv1.load(out / "final.pt")
     assert not loaded.training
@@ -68,16 +77,52 @@ def test_short_real_run_writes_every_output(tmp_path, real_cifar_path, real_cach
         torch.testing.assert_close(loaded(x), result.model(x))
 
 
-def test_budget_stops_on_time_and_anneals(tmp_path, tiny_data):
-    cfg = tiny_config(tmp_path, tiny_data, epochs=10_000, budget=5.0, batch_size=8, eval_every=1000)
+@pytest.mark.timeout(60)  # a budget that no longer stops the run fails here, not hangs
+def test_budget_stops_on_time_and_anneals(tmp_path, tiny_data, monkeypatch):
+    # Epochs of 4 steps, each ending in a checkpoint: the last save is inside the budget too.
+    # 8 s: enough steps to see the LR's peak even where a busy machine takes 0.4 s a step.
+    cfg = tiny_config(
+        tmp_path, tiny_data, epochs=10_000, budget=8.0, batch_size=8, train_limit=32,
+        eval_every=1000, checkpoint_every=1,
+    )  # fmt: skip
+    real_set_lr, lrs = fastmbv1.train.set_lr, []
+
+    def set_lr(run, lr: float) -> None:  # every step's LR
+        lrs.append(lr)
+        real_set_lr(run, lr)
+
+    monkeypatch.setattr(fastmbv1.train, "set_lr", set_lr)
+    # The first optimiser of a process imports torch._dynamo, seconds of the budget on a
+    # busy machine: a cold start is not what this measures.
+    import torch._dynamo  # noqa: F401
+
+    start = time.perf_counter()
     summary = train(cfg).summary
+    took = time.perf_counter() - start
     assert summary["stopped_by"] == "budget"
-    assert summary["wall_s"] <= cfg.budget + 1.0
-    lrs = [json.loads(x)["lr"] for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    # The whole run, checkpoints, final evaluation, final.pt and summary.json included.
+    assert summary["wall_s"] <= took <= cfg.budget
     # The step count alone would leave the LR in its first warm-up steps: time drives it up
     # to the peak and back down before the budget ends.
     assert max(lrs) > 0.5 * cfg.lr
-    assert lrs[-1] < 0.35 * cfg.lr
+    assert lrs[-1] < 0.25 * cfg.lr
+
+
+def test_time_to_accuracy_is_the_first_epoch_that_reached_it(tmp_path, tiny_data, monkeypatch):
+    scripted = iter([(30, 100), (85, 100), (37, 40), (3, 40)])  # 30, 85, 92.5, then 7.5 %
+    monkeypatch.setattr("fastmbv1.train.evaluate", lambda *a, **k: next(scripted))
+    summary = train(tiny_config(tmp_path, tiny_data, epochs=4)).summary
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["test_acc"] for r in records] == [30.0, 85.0, 92.5, 7.5]
+
+    def at(epoch: int) -> dict:
+        r = records[epoch - 1]
+        return {"epoch": epoch, "train_s": r["train_s_total"], "wall_s": r["wall_s"]}
+
+    assert summary["time_to_accuracy"] == {
+        "80": at(2), "85": at(2), "90": at(3), "92": at(3), "93": None, "94": None,
+    }  # fmt: skip
+    assert summary["final_test_acc"] == 7.5  # the last evaluation, not the best
 
 
 def test_onecycle_shape():

@@ -71,8 +71,19 @@ def load(tmp_path) -> optuna.Study:
     return optuna.load_study(study_name="fastmbv1", storage=storage)
 
 
-def test_study_writes_best_config_tables_and_plots(tmp_path, inputs, capsys):
+def test_study_writes_best_config_tables_and_plots(tmp_path, inputs, capsys, monkeypatch):
+    import fastmbv1.tune
+    from fastmbv1.tune.objective import median_pruner
+
+    real_open, pruners = fastmbv1.tune.open_study, []
+
+    def open_study(*args):
+        pruners.append(args[-1])
+        return real_open(*args)
+
+    monkeypatch.setattr(fastmbv1.tune, "open_study", open_study)
     assert main(tune_args(tmp_path, *inputs)) == 0
+    assert vars(pruners[0]) == vars(median_pruner())  # the one the pruning test checks
     out = tmp_path / "out"
     study = load(tmp_path)
     assert len(study.get_trials(states=FINISHED)) == 3
@@ -220,11 +231,9 @@ def test_misses_rank_below_every_hit_and_by_distance():
 
 
 def test_reporter_prunes_a_trial_behind_the_median_on_the_time_grid():
-    from fastmbv1.tune.objective import GRID, Reporter
+    from fastmbv1.tune.objective import GRID, Reporter, median_pruner
 
-    study = optuna.create_study(
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=GRID // 4)
-    )
+    study = optuna.create_study(pruner=median_pruner())  # the pruner fastmbv1 tune uses
     budget, target = 100.0, 70.0
 
     def run(accs_every_10s: list[float]) -> float:
@@ -239,6 +248,7 @@ def test_reporter_prunes_a_trial_behind_the_median_on_the_time_grid():
         return len(accs_every_10s)
 
     assert run([30, 50, 72]) == 3
+    # Behind the first at 30 s, but one complete trial is too few to prune on.
     assert run([20, 40, 60, 71]) == 4
     # Steps are 5 s: reports at 10 and 20 s fall in the warm-up quarter, the one at 30 s prunes.
     assert run([10, 12, 14, 16, 18, 20]) == 3
