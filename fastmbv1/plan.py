@@ -66,6 +66,11 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig
     return make_config(config.resumed_settings(run_dir, overrides))
 
 
+def default_amp(cuda: bool) -> str:
+    """The autocast a config that leaves ``amp`` open gets (on a CUDA GPU or not)."""
+    return "bf16" if cuda else "off"
+
+
 def resolve(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, dict[str, str]]:
     """Fill the machine-dependent fields left as None, and say why each got its value."""
     why = {}
@@ -87,7 +92,7 @@ def resolve(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, dict[s
         )
     defaults = {
         "pipeline": (pipeline, "DALI is the default on a CUDA GPU where it is installed"),
-        "amp": ("bf16" if cuda else "off", "bf16 autocast is the default on a CUDA GPU only"),
+        "amp": (default_amp(cuda), "bf16 autocast is the default on a CUDA GPU only"),
         "compile": (cuda, "torch.compile is the default on a CUDA GPU only"),
     }
     filled = {}
