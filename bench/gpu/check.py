@@ -3,7 +3,9 @@
 Run by ``bench/gpu/check.sh`` (which joins the carried data and packages first). Each phase
 is a ``fastmbv1 bench`` command run in this process; its JSON file under ``--out`` is
 rewritten after every measurement, and a phase starts no new measurement once its share of
-``--seconds`` is spent, so a timeout still leaves everything measured so far.
+``--seconds`` is spent, so a timeout still leaves everything measured so far. At the end,
+``predicted.json`` puts ``fastmbv1 bench roofline``'s prediction for this card beside what
+the phases measured, so that the first lent GPU checks the model.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ import time
 from pathlib import Path
 
 from fastmbv1.cli import build_parser
-from fastmbv1.machine import pick_device
+from fastmbv1.config import PRESETS
+from fastmbv1.machine import device_name, pick_device
 from fastmbv1.measure.cli import BENCHES
+from fastmbv1.measure.gpus import GPUS
+from fastmbv1.measure.inputs import TRACE_STEPS
 from fastmbv1.measure.report import report
 from fastmbv1.measure.results import document, write_document
+from fastmbv1.measure.roofline import predict
 from fastmbv1.step import compile_problem
 
 # Seconds kept for the training run's own start (imports, data) and its final save.
@@ -61,7 +67,12 @@ def plan(
         ("step-compile", 110, [*step, "--compile", "on"]),
         ("epoch", 70, ["epoch", "--device", device, *data, *size, "--preset", "fast",
                        "--pipelines", "torch", "dali", f"torchvision:num_workers={cores}",
-                       "--trace", f"{out}/traces"]),
+                       "resident", "--trace", f"{out}/traces"]),
+        # The eager step of the fast preset's model, traced: its kernels per step, counted.
+        ("kernels", 20, ["step", "--device", device, "--models", "mobilenet_v1", "--widths",
+                         "1.0", "--channels-last", "on", "--amp", "bf16", "--compile", "off",
+                         "--steps", "3", "--warmup", "1", "--trace", f"{out}/traces-step",
+                         *(["--batch-size", "32"] if quick else [])]),
     ]  # fmt: skip
     # Compiling on a CPU takes minutes: a dry run leaves it out, as does a failed probe.
     return [p for p in phases if (compiles and not quick) or p[0] != "step-compile"]
@@ -118,6 +129,57 @@ def compare_ddp(out: Path, names: list[str]) -> None:
     print("ddp:", json.dumps(result), flush=True)
 
 
+def card_of(name: str) -> str | None:
+    """The name bench roofline knows this GPU by (h100 for "NVIDIA H100 80GB HBM3"), or None."""
+    return next((key for key in GPUS if key in name.lower()), None)
+
+
+def kernels_per_step(folder: Path) -> float | None:
+    """CUDA kernels per step in the first step trace under ``folder`` (TRACE_STEPS steps)."""
+    traces = sorted(folder.glob("**/*.pt.trace.json"))
+    if not traces:
+        return None
+    events = json.loads(traces[0].read_text()).get("traceEvents", [])
+    return sum(e.get("cat") == "kernel" for e in events) / TRACE_STEPS
+
+
+def measured_rows(out: Path, phase: str) -> list[dict]:
+    path = out / f"{phase}.json"
+    return json.loads(path.read_text())["results"] if path.is_file() else []
+
+
+def beside(out: Path, device, card: str | None) -> None:
+    """``predicted.json``: ``fastmbv1 bench roofline --gpu CARD`` for every preset, the
+    ``fast`` row with what this check measured of it beside the model: the step (eager and
+    compiled, width 1.0, bf16, channels_last), each pipeline's epoch scaled to 50,000
+    images, and the kernels per eager step counted in its trace. ``card``: the card to
+    predict (default: the one the device's name names)."""
+    card = card or card_of(device_name(device))
+    if card is None:
+        print(f"predicted: no datasheet for {device_name(device)} in fastmbv1.measure.gpus")
+        return
+    rows = [predict(preset, GPUS[card]) for preset in PRESETS]
+    fast = rows[0]
+
+    def step_s(phase: str, compiled: bool) -> float | None:
+        like = {"model": "mobilenet_v1", "width": 1.0, "amp": "bf16", "channels_last": True}
+        found = [r for r in measured_rows(out, phase) if like.items() <= r.items()
+                 and r.get("compile") == compiled and "step_s" in r]  # fmt: skip
+        return found[0]["step_s"] if found else None
+
+    fast["measured_step_s_eager"] = step_s("step", False)
+    fast["measured_step_s_compiled"] = step_s("step-compile", True)
+    fast["measured_epoch_s"] = {
+        r["pipeline"]: r["epoch_s"] * fast["steps_per_epoch"] * r["batch_size"] / r["images"]
+        for r in measured_rows(out, "epoch")
+        if "epoch_s" in r
+    }
+    fast["measured_kernels_per_step_eager"] = kernels_per_step(out / "traces-step")
+    command = f"bench/gpu/check.py: fastmbv1 bench roofline --gpu {card}, measured beside it"
+    write_document(document(command, device, rows), out / "predicted.json")
+    print("predicted:", json.dumps(fast), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-gpu-out"))
@@ -126,6 +188,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=470, help="the whole check")
     parser.add_argument("--train-budget", type=float, default=240)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a dry run")
+    parser.add_argument(
+        "--card", choices=sorted(GPUS), help="the card predicted.json models (default: this one)"
+    )
     args = parser.parse_args()
     start = time.monotonic()
     out = Path(args.out)
@@ -150,6 +215,7 @@ def main() -> None:
         except Exception as e:  # one failed phase must not cost the others their time
             print(f"{name}: failed: {e!r}", flush=True)
             (out / f"{name}.error.txt").write_text(f"{e!r}\n")
+    beside(out, device, args.card)
     left = args.seconds - (time.monotonic() - start) - 2 * TRAIN_MARGIN_S
     budget = min(args.train_budget, left)
     if not has_data:
