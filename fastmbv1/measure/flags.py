@@ -81,6 +81,17 @@ def trace_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def presets_flag(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        choices=list(PRESETS),
+        default=list(PRESETS),
+        metavar="PRESET",
+        help=f"presets to {verb}: {', '.join(PRESETS)} (default: all)",
+    )
+
+
 def command(sub, name: str, summary: str, description: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=summary, description=description)
 
@@ -212,14 +223,7 @@ def add_budget(sub) -> None:
         "budget; the original project's Tesla T4 runs follow in the same terms.",
     )
     measurement_flags(p)
-    p.add_argument(
-        "--presets",
-        nargs="+",
-        choices=list(PRESETS),
-        default=list(PRESETS),
-        metavar="PRESET",
-        help=f"presets to time: {', '.join(PRESETS)} (default: all)",
-    )
+    presets_flag(p, "time")
     p.add_argument(
         "--budget",
         nargs="+",
@@ -259,14 +263,7 @@ def add_roofline(sub) -> None:
         "--gpu", choices=sorted(GPUS), help="a card by name, at its datasheet's peaks"
     )
     card.add_argument("--spec", metavar="FILE", help="a card described in a TOML file (below)")
-    p.add_argument(
-        "--presets",
-        nargs="+",
-        choices=list(PRESETS),
-        default=list(PRESETS),
-        metavar="PRESET",
-        help=f"presets to predict: {', '.join(PRESETS)} (default: all)",
-    )
+    presets_flag(p, "predict")
     measurement_flags(p, data=False, device=False, plot=False)
 
 
