@@ -12,55 +12,33 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from fastmbv1.checkpoint import model_from_record, read_checkpoint, save_model
 from fastmbv1.errors import UserError
+from fastmbv1.flops import ELEMENTWISE_FLOPS, layer_costs
 from fastmbv1.machine import pick_device
 from fastmbv1.models import build_model
 from fastmbv1.tables import Column, render_table
 
 IMAGE_SHAPE = (3, 32, 32)
-# fvcore's count for a BatchNorm in training mode: mean, variance, normalise, scale, shift.
-BN_OPS_PER_ELEMENT = 5
 
 
 def model_cost(model: nn.Module) -> dict[str, int]:
-    """Parameters and multiply-accumulates for one 32x32 image.
+    """Parameters and multiply-accumulates for one 32x32 image, from the layer shapes.
 
-    ``macs`` counts the conv and linear layers (FlopCounterMode counts 2 FLOPs per MAC, so
-    MACs = FLOPs / 2); at inference BN folds into the convs, so that is all the arithmetic.
-    ``macs_with_bn`` adds 5 ops per BatchNorm element (fvcore's count for a BN left in
-    training mode); that convention reproduces the original project's 48.4 M (MobileNetV1)
-    and 28.4 M (CustomMobileNet) to within 0.1 %, which conv/linear alone does not.
+    ``macs`` counts the conv and linear layers; at inference BN folds into the convs, so that
+    is all the arithmetic. ``macs_with_bn`` adds 5 ops per BatchNorm element (fvcore's count
+    for a BN left in training mode); that convention reproduces the original project's
+    48.4 M (MobileNetV1) and 28.4 M (CustomMobileNet) to within 0.1 %, which conv/linear
+    alone does not.
     """
-    param = next(model.parameters())
-    x = torch.zeros(1, *IMAGE_SHAPE, device=param.device, dtype=param.dtype)
-    bn_elements = 0
-
-    def count_bn(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
-        nonlocal bn_elements
-        bn_elements += inputs[0].numel()
-
-    hooks = [
-        m.register_forward_hook(count_bn)
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    macs = counter.get_total_flops() // 2
+    costs = layer_costs(model, IMAGE_SHAPE[-1])
+    macs = sum(c.macs for c in costs)
+    bn_elements = sum(math.prod(c.in_shape) for c in costs if c.kind in ("bn", "bn+relu"))
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "macs": macs,
-        "macs_with_bn": macs + BN_OPS_PER_ELEMENT * bn_elements,
+        "macs_with_bn": macs + ELEMENTWISE_FLOPS["bn"][0] * bn_elements,
     }
 
 

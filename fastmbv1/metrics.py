@@ -143,7 +143,49 @@ def format_summary(s: dict) -> str:
             lines.append(
                 f"  {t:>3} %  {hit['epoch']:6d}  {hit['train_s']:8.1f}  {hit['wall_s']:8.1f}"
             )
+    lines.append(format_utilisation(s))
     return "\n".join(lines)
+
+
+def utilisation(totals, dtype: str, peak: dict | None) -> dict:
+    """The run's mean MFU and its AU, for summary.json, from its ``Totals``.
+
+    Both are over the training seconds without compiling. AU, as MLPerf defines it: compute
+    time (augmenting and stepping) over that time. MFU: the conv and linear FLOPs of the
+    images trained per second over the cached matmul peak of this machine in the step's
+    ``dtype`` (``fastmbv1.peak``); None when none is cached, since a run never spends its
+    budget measuring one.
+    """
+    busy = max(totals.train_s - totals.compile_s, 1e-9)
+    achieved = totals.model_flops / busy
+    return {
+        "au": totals.compute_s / busy,
+        "achieved_flops_per_s": achieved,
+        "peak_dtype": dtype,
+        "peak_flops_per_s": peak["flops_per_s"] if peak else None,
+        "peak_measured": peak["measured"] if peak else None,
+        "mfu": achieved / peak["flops_per_s"] if peak else None,
+    }
+
+
+def format_utilisation(s: dict) -> str:
+    """One line: how much of the machine the run used (MFU, AU), or why MFU is unknown."""
+    dtype = s["peak_dtype"]
+    if s["mfu"] is None:
+        mfu = (
+            f"MFU unknown: no {dtype} matmul peak is cached for this machine (`fastmbv1 bench "
+            "peak` measures it once)"
+        )
+    else:
+        mfu = (
+            f"MFU {s['mfu']:.1%} ({s['achieved_flops_per_s'] / 1e9:,.1f} GFLOP/s against the "
+            f"{dtype} matmul peak of {s['peak_flops_per_s'] / 1e9:,.1f}, measured "
+            f"{s['peak_measured']})"
+        )
+    busy = s["train_s"] - s["compile_s"]
+    return (
+        f"machine use: {mfu}; AU {s['au']:.1%} (computing {s['compute_s']:.1f} s of {busy:.1f} s)"
+    )
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -84,6 +84,11 @@ def graphs_problem(device: torch.device, amp: str, world: World) -> str | None:
     return None
 
 
+def default_amp(cuda: bool) -> str:
+    """The autocast a config that leaves ``amp`` open gets (on a CUDA GPU or not)."""
+    return "bf16" if cuda else "off"
+
+
 def resolve(
     cfg: TrainConfig, device: torch.device, world: World | None = None
 ) -> tuple[TrainConfig, dict[str, str]]:
@@ -107,7 +112,7 @@ def resolve(
         )
     defaults = {
         "pipeline": (pipeline, "DALI is the default on a CUDA GPU where it is installed"),
-        "amp": ("bf16" if cuda else "off", "bf16 autocast is the default on a CUDA GPU only"),
+        "amp": (default_amp(cuda), "bf16 autocast is the default on a CUDA GPU only"),
         "compile": (cuda, "torch.compile is the default on a CUDA GPU only"),
     }
     filled = {}

@@ -65,14 +65,18 @@ class Totals:
     eval_s: float = 0.0
     compile_s: float = 0.0
     fp16_skipped_steps: int = 0
+    compute_s: float = 0.0  # of train_s, augmenting and stepping (MLPerf's compute time)
+    model_flops: float = 0.0  # conv and linear FLOPs of the images trained (fastmbv1.flops)
 
-    def add(self, epoch) -> None:
-        """Count one more epoch (a ``fastmbv1.train.Epoch``)."""
+    def add(self, epoch, flops_per_image: float = 0.0) -> None:
+        """Count one more epoch (a ``fastmbv1.train.Epoch``) of ``flops_per_image`` each."""
         self.epochs_done += 1
         self.steps += epoch.steps
         self.train_s += epoch.train_s
         self.compile_s += epoch.compile_s
         self.fp16_skipped_steps += epoch.skipped_steps
+        self.compute_s += epoch.compute_s
+        self.model_flops += epoch.images * flops_per_image
 
 
 @dataclass

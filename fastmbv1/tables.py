@@ -37,6 +37,7 @@ class Column:
     width: int = 0  # least width, so that rows printed one at a time line up with the header
     spec: str = ""  # format() spec of a number; a column with one is right-aligned
     justify: str = ""  # "left" or "right" to override that (e.g. numbers formatted per row)
+    scale: float = 1  # shown times this (e.g. 1e3 for seconds as ms), the row keeps SI units
 
     def cell(self, value: object) -> str:
         """``value`` as the column writes it: ``-`` for a missing number, on/off for a bool."""
@@ -44,6 +45,8 @@ class Column:
             return "-" if self.spec else ""
         if isinstance(value, bool):
             return "on" if value else "off"
+        if isinstance(value, (int, float)) and self.scale != 1:
+            value = value * self.scale
         return format(value, self.spec) if self.spec else str(value)
 
 

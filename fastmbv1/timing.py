@@ -33,6 +33,42 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> f
     return time.perf_counter() - start
 
 
+class ComputeTimer:
+    """Seconds spent between ``start()`` and ``stop()`` calls, summed: the compute time of
+    MLPerf's accelerator utilisation. On CUDA each span is a pair of CUDA events, so timing
+    adds no host synchronisation to a step; read ``seconds()`` once the device has finished
+    (after a sync). On the CPU, which runs each call to its end, the host clock times it.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[float | tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.began: float | torch.cuda.Event = 0.0
+
+    def now(self) -> float | torch.cuda.Event:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self.began = self.now()
+
+    def stop(self) -> None:
+        end = self.now()
+        self.spans.append((self.began, end) if self.cuda else end - self.began)
+
+    def forget_last(self) -> None:
+        """Leave the last span out (a step that compiled is compile time, not compute)."""
+        self.spans.pop()
+
+    def seconds(self) -> float:
+        if self.cuda:
+            return sum(a.elapsed_time(b) for a, b in self.spans) / 1000
+        return sum(self.spans)
+
+
 def describe(cfg: TrainConfig, device: torch.device) -> dict:
     """The settings that decide a step's speed, for a result row."""
     return {

@@ -8,6 +8,7 @@ checkpoint and decide whether to stop; then the final evaluation and save. The b
 
 from __future__ import annotations
 
+import functools
 import random
 import signal
 import sys
@@ -39,13 +40,16 @@ from fastmbv1.config import WHY, TrainConfig
 from fastmbv1.distributed import World, split_batch
 from fastmbv1.errors import Diverged, Interrupted, UserError
 from fastmbv1.evaluate import evaluate
+from fastmbv1.flops import training_flops_per_image
 from fastmbv1.machine import device_name, peak_memory, pick_device, sync, versions
-from fastmbv1.metrics import RunLog, format_summary, write_json
+from fastmbv1.metrics import RunLog, format_summary, utilisation, write_json
+from fastmbv1.peak import cached_peak, step_dtype
 from fastmbv1.plan import plan_run
 from fastmbv1.profile import StepTrace
 from fastmbv1.schedule import lr_factor
 from fastmbv1.state import RunState, Totals
 from fastmbv1.step import Run, build_run, set_lr, train_step
+from fastmbv1.timing import ComputeTimer
 from pipelines import Pipeline
 
 # What a run writes besides its checkpoints (--overwrite clears them all).
@@ -127,6 +131,8 @@ class Epoch:
     skipped_steps: int  # fp16 steps the grad scaler skipped
     stop: str | None  # "budget", "signal" or "diverged"
     note: str = ""  # what diverged, and where
+    compute_s: float = 0.0  # augmenting and stepping, device time (ComputeTimer), compile not
+    side: int = augment.FULL_SIDE  # the images' side this epoch (progressive resizing)
 
 
 def train_epoch(
@@ -153,6 +159,7 @@ def train_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     nan_every = NAN_CHECK_EVERY.get(device.type, 1)
     lrs, images, data_wait, compile_s, stop, note = [], 0, 0.0, 0.0, None, ""
+    side, compute = augment.FULL_SIDE, ComputeTimer(device)
     clock.new_epoch()
     bar = log.bar(epoch + 1, n)
     start = time.perf_counter()
@@ -178,16 +185,19 @@ def train_epoch(
         with record_function("data wait"):
             x, y = next(it)
         data_wait += time.perf_counter() - t
+        compute.start()
         with record_function("augment"):
             x, y_a, y_b, lam = augment.augment_batch(x, y, cfg, gen, side)
         t = time.perf_counter()
         losses[i], hits = train_step(run, x, y_a, y_b, lam)
+        compute.stop()
         correct += hits
         images += len(y)
         if step == 0 and warm_up is not None:
             warm_up()
             sync(device)
             compile_s = time.perf_counter() - t
+            compute.forget_last()
         if (i + 1) % nan_every == 0 or i + 1 == n:
             bad = (~torch.isfinite(losses[max(0, i + 1 - nan_every) : i + 1])).nonzero()
             if len(bad):
@@ -226,6 +236,8 @@ def train_epoch(
         skipped_steps=skipped,
         stop=stop,
         note=note,
+        compute_s=compute.seconds(),
+        side=side,
     )
 
 
@@ -358,6 +370,7 @@ def train(
     if state is not None:
         state.restore(run)
     steps = len(train_pipe)
+    flops_per_image = functools.cache(lambda side: training_flops_per_image(run.model, side))
     clock = BudgetClock(
         cfg.budget, cfg.epochs * steps, eval_steps=plan.n_test / cfg.batch_size,
         elapsed=totals.wall_s, start=start,
@@ -391,7 +404,7 @@ def train(
                 when = f"during epoch {totals.epochs_done + 1}, which a resumed run repeats"
                 saved = snapshot and save_training_state(out, snapshot.to_dict(), cfg.keep)
                 raise interrupted(signals, saved, out, when)
-            totals.add(e)
+            totals.add(e, flops_per_image(e.side))
             stop, evaluate_now = end_of_epoch(e, cfg, totals, clock, world, signals)
             test_acc, eval_s = (
                 evaluate_run(run, test_pipe, world, clock, totals) if evaluate_now else (None, 0.0)
@@ -448,12 +461,14 @@ def finish(
         "model_kwargs": run.kwargs,
         WHY: why,
     }
+    dtype = step_dtype(run.cfg.amp)
+    summary.update(utilisation(totals, dtype, cached_peak(run.device, dtype)))
     if world.main:
         meta = {"config": run.cfg.to_dict(), "test_acc": final_acc}
         save_model(out / "final.pt", run.shipped, run.name, run.kwargs, meta=meta)
         write_json(out / "summary.json", summary)
         log.close(summary)
-        print(format_summary(summary), flush=True)
         print(f"saved {out / 'final.pt'}", flush=True)
+        print(format_summary(summary), flush=True)  # its last line: how much of the machine
     world.barrier()
     return RunResult(summary, run.shipped.eval(), out)

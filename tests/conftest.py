@@ -61,6 +61,16 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("FASTMBV1_DATA", raising=False)
 
 
+@pytest.fixture
+def small_peaks(monkeypatch):
+    """The peak microbenchmarks at a test's size (a 1 GiB copy and a 2048 matmul are for
+    measuring a machine, not for a test)."""
+    from fastmbv1 import peak
+
+    monkeypatch.setattr(peak, "COPY_BYTES", 8 * 2**20)
+    monkeypatch.setitem(peak.MATMUL_SIDE, "cpu", 128)
+
+
 @pytest.fixture(scope="session")
 def real_cifar_path() -> Path:
     if not REAL_CIFAR.is_file():

@@ -5,16 +5,26 @@ import argparse
 import json
 import shutil
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_batches, write_archive
 
+from fastmbv1 import peak
 from fastmbv1.cli import main
+from fastmbv1.config import PRESETS
+from fastmbv1.data import recipe_pipeline
+from fastmbv1.flops import training_flops_per_image
+from fastmbv1.measure import epoch
 from fastmbv1.measure.budget import ORIGINAL_T4, epochs_in, original_budget
 from fastmbv1.measure.cli import BENCHES, add_arguments
+from fastmbv1.measure.inputs import preset_config
 from fastmbv1.measure.report import read_run, report
 from fastmbv1.metrics import THRESHOLDS
+from fastmbv1.models import build_model
 from fastmbv1.plan import make_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -91,28 +101,97 @@ def test_loaders_read_the_data_set(bench_json, tiny_archive):
     assert row["images"] == 40 and row["device"] == "cpu"  # 5 batch files of 8
 
 
-def test_step_grid(bench_json, tmp_path):
-    doc = bench_json(
+def test_step_grid_with_mfu_and_roofline(bench, small_peaks, tmp_path):
+    status, out, err = bench(
         "step --device cpu --models mobilenet_v1 --widths 0.25 --channels-last on off "
-        f"--amp off --batch-size 8 --steps 1 --warmup 0 --plot {tmp_path / 'step.png'}"
+        f"--amp off --batch-size 8 --steps 1 --warmup 0 --plot {tmp_path / 'step.png'} "
+        f"--save --results {tmp_path}"
     )
-    rows = doc["results"]
+    assert status == 0, err
+    rows = json.loads(next(tmp_path.glob("step-*.json")).read_text())["results"]
     assert [r["channels_last"] for r in rows] == [True, False]
     assert all(r["images_per_s"] > 0 and r["compile_s"] is None for r in rows)
+    flops = training_flops_per_image(build_model("mobilenet_v1", width=0.25))
+    peak_now = peak.cached_peak(torch.device("cpu"), "fp32")["flops_per_s"]  # measured, cached
+    for r in rows:
+        assert r["flops_per_image"] == flops and r["peak_flops_per_s"] == peak_now
+        assert r["achieved_flops_per_s"] == pytest.approx(flops * 8 / r["step_s"])
+        assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / r["peak_flops_per_s"])
+        # The step's lower bound is the sum of its layers' bounds, each max(compute, memory).
+        assert r["bound_s"] == pytest.approx(sum(layer["bound_s"] for layer in r["layers"]))
+        assert r["over_bound"] == pytest.approx(r["step_s"] / r["bound_s"])
+        names = [layer["layer"] for layer in r["layers"]]
+        assert names[:4] == ["normalize", "stem", "bn+relu", "dw1"] and names[-2:] == [
+            "classifier",
+            "sgd",
+        ]
+        assert {f"dw{i}" for i in range(1, 14)} | {f"pw{i}" for i in range(1, 14)} <= set(names)
+        for layer in r["layers"]:
+            assert layer["measured_s"] > 0
+            compute = layer["flops"] / r["peak_flops_per_s"]
+            memory = layer["bytes"] / r["bandwidth_bytes_per_s"]
+            if layer["count"] == 1:
+                assert layer["bound_s"] == pytest.approx(max(compute, memory))
+            else:  # a group: the sum of its members' bounds
+                assert layer["bound_s"] >= max(compute, memory) * (1 - 1e-9)
+    header, _ = printed_table(out)
+    assert "MFU" in header and "x bound" in header
+    assert out.count("each layer alone against its bound") == 2
     assert is_png(tmp_path / "step.png")
 
 
-def test_epoch_profile_splits_wait_and_compute(bench, tmp_path):
-    batch = make_config({"preset": "cpu"}).batch_size
+class Delayed:
+    """A pipeline made input-bound: each batch comes late by four times the step before it
+    took (half a second for the first), however busy the shared machine is."""
+
+    def __init__(self, pipe):
+        self.pipe, self.epoch = pipe, 0
+
+    def __len__(self) -> int:
+        return len(self.pipe)
+
+    def __iter__(self):
+        step_s = 0.125
+        for batch in self.pipe:
+            time.sleep(4 * step_s)
+            handed = time.perf_counter()
+            yield batch
+            step_s = time.perf_counter() - handed  # the consumer's step on this batch
+
+
+def test_epoch_au_drops_and_the_verdict_says_input_bound_when_a_pipeline_is_delayed(
+    bench, monkeypatch, tmp_path
+):
+    def small(name, device):  # batches of 16: quick steps
+        return replace(preset_config(name, device), batch_size=16)
+
+    def delayed(cfg, *args, **kwargs):
+        return Delayed(recipe_pipeline(cfg, *args, **kwargs))
+
+    monkeypatch.setattr(epoch, "preset_config", small)
+    monkeypatch.setattr(epoch, "recipe_pipeline", delayed)  # the resident batches are not
     status, out, err = bench(
-        f"epoch --device cpu --preset cpu --synthetic --images {2 * batch} --pipelines torch "
-        f"--plot {tmp_path / 'epoch.png'}"
+        "epoch --device cpu --preset cpu --synthetic --images 48 --pipelines torch resident "
+        f"--plot {tmp_path / 'epoch.png'} --save --results {tmp_path}"
     )
     assert status == 0, err
-    _, rows = printed_table(out)
-    assert rows[0][:2] == ["cpu", "torch"] and rows[0][4] == str(2 * batch)
-    assert "the model waits for data" in out.splitlines()[-1]
+    _, cells = printed_table(out)
+    assert [c[1] for c in cells[:2]] == ["torch", "resident"]
+    torch_verdict, resident_verdict = out.splitlines()[-2:]
+    assert torch_verdict.startswith("torch: input-bound, AU ")
+    assert "x the resident one" in torch_verdict
+    assert resident_verdict.startswith("resident: compute-bound") and "upper" in resident_verdict
     assert is_png(tmp_path / "epoch.png")
+    saved = json.loads(next(tmp_path.glob("epoch-*.json")).read_text())
+    rows = {r["pipeline"]: r for r in saved["results"]}
+    # Delayed by 4 steps' time a batch from the second on: AU under 1/5 there, 1/2 overall.
+    assert rows["torch"]["au"] < 0.5 and rows["torch"]["au"] < rows["resident"]["au"] - 0.3
+    assert rows["torch"]["bound"] == "input" and rows["resident"]["bound"] == "compute"
+    assert rows["torch"]["epoch_s"] > rows["resident"]["epoch_s"]
+    for r in rows.values():
+        assert r["au"] == pytest.approx(r["compute_s"] / r["epoch_s"])
+        assert r["images"] == 48 and r["steps"] == 3
+    assert rows["resident"]["data_wait_s"] < 0.05  # its batches were there before the epoch
 
 
 def test_budget_projects_and_shows_the_original(bench_json, tmp_path):
@@ -129,7 +208,83 @@ def test_budget_projects_and_shows_the_original(bench_json, tmp_path):
     assert is_png(tmp_path / "budget.png")
 
 
-@pytest.mark.parametrize("what", ["loaders", "step", "epoch", "budget"])
+def test_roofline_predicts_every_preset_as_a_model_not_a_measurement(bench, tmp_path):
+    status, out, err = bench(f"roofline --gpu h100 --save --results {tmp_path}")
+    assert status == 0, err
+    header, cells = printed_table(out)
+    assert "step floor ms" in header and "epoch floor s" in header
+    assert [" ".join(row[-3:]) for row in cells[: len(PRESETS)]] == [
+        "model, not measurement"
+    ] * len(PRESETS)
+    assert out.strip().endswith("every figure above is a model, not measurement")
+    doc = json.loads((tmp_path / "roofline-h100.json").read_text())
+    rows = {r["preset"]: r for r in doc["results"]}
+    assert set(rows) == set(PRESETS)
+    fast = rows["fast"]
+    assert fast["what"] == "model, not measurement" and fast["card"].startswith("NVIDIA H100")
+    assert (fast["amp"], fast["compile"], fast["peak_dtype"]) == ("bf16", True, "bf16")
+    assert fast["flops_per_image"] == training_flops_per_image(build_model("mobilenet_v1"))
+    for r in rows.values():
+        assert r["step_floor_s"] == max(r["roofline_step_s"], r["launch_step_s"])
+        assert r["epoch_floor_s"] == pytest.approx(50_000 // r["batch_size"] * r["step_floor_s"])
+        assert r["launch_step_s"] == pytest.approx(r["kernels_per_step"] * 5e-6)
+        # No step beats its model FLOPs at the card's peak.
+        floor = r["batch_size"] * r["flops_per_image"] / r["peak_flops_per_s"]
+        assert r["roofline_step_s"] > floor
+    # fp32 convolutions run at TF32's rate on an H100, the original recipes' dtype
+    assert rows["baseline"]["peak_dtype"] == "tf32"
+
+
+def test_roofline_from_a_spec_file_bends_with_its_roofs(bench_json, tmp_path):
+    def spec(name: str, bandwidth: float, latency: float) -> Path:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(
+            f'name = "{name}"\nbandwidth = {bandwidth}\nlaunch_latency = {latency}\n'
+            "[peak_flops]\nfp32 = 1e12\nbf16 = 4e12\n"
+        )
+        return path
+
+    def fast(path: Path) -> dict:
+        return bench_json(f"roofline --spec {path} --presets fast")["results"][0]
+
+    compute = fast(spec("compute", 1e18, 1e-12))  # no memory or launch limit to speak of
+    assert compute["bound_by"] == "roofline" and compute["memory_bound_share"] == 0
+    # Then the floor is the FLOPs over the peak: the model's, plus batch norm's and SGD's few.
+    model_s = 512 * compute["flops_per_image"] / 4e12
+    assert model_s < compute["step_floor_s"] < 1.1 * model_s
+    memory = fast(spec("memory", 1e9, 1e-12))
+    assert memory["memory_bound_share"] > 0.9 and memory["step_floor_s"] > compute["step_floor_s"]
+    launches = fast(spec("launches", 1e18, 1.0))
+    assert launches["bound_by"] == "launches"
+    assert launches["step_floor_s"] == launches["kernels_per_step"] * 1.0
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("bandwidth = 1e12\n", "needs peak_flops"),
+        ("bandwidth = 1e12\n[peak_flops]\nbf16 = 1e12\n", "needs fp32 at least"),
+        ("bandwidth = -1\n[peak_flops]\nfp32 = 1e12\n", "bandwidth must be > 0"),
+        ("bandwidth = 1e12\n[peak_flops]\nfp32 = 1e12\nfp8 = 2e12\n", "unknown dtype(s) fp8"),
+        ("bandwidth = 'fast'\n[peak_flops]\nfp32 = 1e12\n", "must be a number"),
+        ("bandwidth = [", "not valid TOML"),
+    ],
+)
+def test_bad_spec_is_one_line_and_status_2(bench, tmp_path, text, message):
+    (tmp_path / "card.toml").write_text(text)
+    status, out, err = bench(f"roofline --spec {tmp_path / 'card.toml'}")
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_peak_measures_and_caches_this_machines_roofs(bench_json, small_peaks):
+    rows = bench_json("peak --device cpu --dtypes fp32")["results"]
+    assert [r["roof"] for r in rows] == ["matmul fp32", "copy 8 MiB"]
+    assert all(r["now"] > 0 and r["best"] >= r["now"] for r in rows)
+    assert peak.cached_peak(torch.device("cpu"), "fp32")["flops_per_s"] == rows[0]["best"]
+
+
+# The step file in mfu-cpu/ has the roofline's layers; the one beside the others predates it.
+@pytest.mark.parametrize("what", ["loaders", "step", "epoch", "budget", "mfu-cpu/step"])
 def test_plot_redraws_the_committed_results(bench, tmp_path, what):
     [saved] = RESULTS.glob(f"{what}-*.json")
     status, _, err = bench(f"plot {saved} --out {tmp_path / 'redrawn.png'}")

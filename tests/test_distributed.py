@@ -212,4 +212,4 @@ def test_the_gpu_checks_ddp1_run_is_forced_through_ddp(tmp_path, monkeypatch):
     assert ddp.argv[2:7] == ["torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m"]
     assert ddp.argv[7:] == [a.replace("train-eager", "train-eager-ddp1") for a in eager.argv[2:]]
     # Training runs first, each with its budget reserved, then the benches.
-    assert [p.train for p in phases.values()] == [True] * 4 + [False] * 4
+    assert [p.train for p in phases.values()] == [True] * 4 + [False] * 5

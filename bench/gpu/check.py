@@ -7,7 +7,9 @@ share whatever time is left. Each bench phase is a ``fastmbv1 bench`` command ru
 process, and starts no new measurement once its share is spent. Everything is written
 under ``--work`` as it comes and packed into ``--out`` after every phase
 (``results.tar.gz``, ``check.json``; the device machine returns at most 8 files), so a
-timeout still returns what was measured.
+timeout still returns what was measured. At the end, ``predicted.json`` puts ``fastmbv1
+bench roofline``'s prediction for this card beside what the phases measured, so that the
+first lent GPU checks the model.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastmbv1.cli import build_parser
+from fastmbv1.config import PRESETS
 from fastmbv1.distributed import FORCE_DDP
-from fastmbv1.machine import pick_device
+from fastmbv1.machine import device_name, pick_device
 from fastmbv1.measure.cli import BENCHES
+from fastmbv1.measure.gpus import GPUS
+from fastmbv1.measure.inputs import TRACE_STEPS
 from fastmbv1.measure.report import report
 from fastmbv1.measure.results import document, write_document
+from fastmbv1.measure.roofline import predict
 from fastmbv1.step import compile_problem
 
 # Seconds a training run may overrun its --budget (start, final save) before it is killed.
@@ -101,7 +107,13 @@ def plan(
                                    *graphs]),
         Phase("epoch", 40, ["epoch", "--device", device, *source, *size, "--preset", "fast",
                             "--pipelines", "torch", "dali", f"torchvision:num_workers={cores}",
-                            "--trace", str(work / "traces")]),
+                            "resident", "--trace", str(work / "traces")]),
+        # The eager step of the fast preset's model, traced: its kernels per step, counted.
+        Phase("kernels", 15, ["step", "--device", device, "--models", "mobilenet_v1",
+                              "--widths", "1.0", "--channels-last", "on", "--amp", "bf16",
+                              "--compile", "off", "--cuda-graphs", "off", "--steps", "3",
+                              "--warmup", "1", "--trace", str(work / "traces-step"),
+                              *(["--batch-size", "32"] if quick else [])]),
     ]  # fmt: skip
     return [p for p in phases if (compiles and not quick) or p.name != "step-compile"]
 
@@ -169,6 +181,58 @@ def pack(work: Path, out: Path, results: dict) -> None:
     os.replace(out / ".results.tar.gz", out / "results.tar.gz")
 
 
+def card_of(name: str) -> str | None:
+    """The name bench roofline knows this GPU by (h100 for "NVIDIA H100 80GB HBM3"), or None."""
+    return next((key for key in GPUS if key in name.lower()), None)
+
+
+def kernels_per_step(folder: Path) -> float | None:
+    """CUDA kernels per step in the first step trace under ``folder`` (TRACE_STEPS steps)."""
+    traces = sorted(folder.glob("**/*.pt.trace.json"))
+    if not traces:
+        return None
+    events = json.loads(traces[0].read_text()).get("traceEvents", [])
+    return sum(e.get("cat") == "kernel" for e in events) / TRACE_STEPS
+
+
+def measured_rows(work: Path, phase: str) -> list[dict]:
+    path = work / f"{phase}.json"
+    return json.loads(path.read_text())["results"] if path.is_file() else []
+
+
+def beside(work: Path, device, card: str | None) -> None:
+    """``predicted.json``: ``fastmbv1 bench roofline --gpu CARD`` for every preset, the
+    ``fast`` row with what this check measured of it beside the model: the step (eager and
+    compiled, op by op, width 1.0, bf16, channels_last), each pipeline's epoch scaled to
+    50,000 images, and the kernels per eager step counted in its trace. ``card``: the card
+    to predict (default: the one the device's name names)."""
+    card = card or card_of(device_name(device))
+    if card is None:
+        print(f"predicted: no datasheet for {device_name(device)} in fastmbv1.measure.gpus")
+        return
+    rows = [predict(preset, GPUS[card]) for preset in PRESETS]
+    fast = rows[0]
+
+    def step_s(phase: str, compiled: bool) -> float | None:
+        like = {"model": "mobilenet_v1", "width": 1.0, "amp": "bf16", "channels_last": True}
+        found = [r for r in measured_rows(work, phase) if like.items() <= r.items()
+                 and r.get("compile") == compiled and not r.get("cuda_graphs")
+                 and "step_s" in r]  # fmt: skip
+        return found[0]["step_s"] if found else None
+
+    fast["measured_step_s_eager"] = step_s("step", False)
+    fast["measured_step_s_compiled"] = step_s("step-compile", True)
+    fast["measured_epoch_s"] = {
+        r["pipeline"]: r["epoch_s"] * fast["steps_per_epoch"] * r["batch_size"] / r["images"]
+        for r in measured_rows(work, "epoch")
+        if "epoch_s" in r
+    }
+    fast["measured_kernels_per_step_eager"] = kernels_per_step(work / "traces-step")
+    command = f"bench/gpu/check.py: fastmbv1 bench roofline --gpu {card}, measured beside it"
+    write_document(document(command, device, rows), work / "predicted.json")
+    print("predicted:", json.dumps(fast), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-gpu-out"))
@@ -180,6 +244,9 @@ def main() -> None:
         "--artifacts", help="compiled artifacts: loaded if the file exists, else written there"
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a dry run")
+    parser.add_argument(
+        "--card", choices=sorted(GPUS), help="the card predicted.json models (default: this one)"
+    )
     args = parser.parse_args()
     start = time.monotonic()
     out, work = Path(args.out), Path(args.work)
@@ -225,6 +292,7 @@ def main() -> None:
             (work / f"{phase.name}.error.txt").write_text(f"{e!r}\n")
         results["done"].append(phase.name)
         pack(work, out, results)
+    beside(work, device, args.card)
     results["seconds"] = time.monotonic() - start
     pack(work, out, results)
     print(f"check done in {results['seconds']:.0f} s; results in {out}", flush=True)

@@ -67,15 +67,20 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name, options
 
 
-def pipeline_specs(args: argparse.Namespace, device) -> list[tuple[str, dict, str | None]]:
+def pipeline_specs(
+    args: argparse.Namespace, device, extra: str | None = None
+) -> list[tuple[str, dict, str | None]]:
     """(name, options, why it cannot run here or None) for ``--pipelines`` or the default:
-    every pipeline, plus torchvision with one worker per core."""
-    specs = args.pipelines or [*MODULES, f"torchvision:num_workers={os.cpu_count()}"]
-    parsed = [parse_spec(s) for s in specs]
+    every pipeline, plus torchvision with one worker per core, plus the bench's own
+    ``extra`` pipeline (which runs everywhere) if it has one."""
+    specs = args.pipelines or [*MODULES, f"torchvision:num_workers={os.cpu_count()}", extra]
+    parsed = [parse_spec(s) for s in specs if s]
     for name, opts in parsed:
         if name == "torchvision":
             opts.setdefault("num_workers", 0)  # its default, said in the table
-    return [(name, opts, unavailable(name, device)) for name, opts in parsed]
+    return [
+        (name, opts, None if name == extra else unavailable(name, device)) for name, opts in parsed
+    ]
 
 
 def step_trace(args: argparse.Namespace, device, *label: str) -> StepTrace | None:

@@ -177,8 +177,9 @@ def plot_step(doc: dict) -> Figure:
         group = f"{r['model']}\nwidth {r['width']:g}"
         series.setdefault(say(r, varied) or "images/s", {})[group] = r["images_per_s"]
     groups = list(dict.fromkeys(f"{r['model']}\nwidth {r['width']:g}" for r in rows))
-    fig = figure()
-    ax = fig.add_subplot()
+    roofline = [r for r in rows if r.get("layers")]  # results saved before the roofline: none
+    fig = figure(11, 11) if roofline else figure()
+    ax = fig.add_subplot(2, 1, 1) if roofline else fig.add_subplot()
     grouped_bars(ax, groups, series, lambda v: f"{v:,.0f}")
     batch = ", ".join(sorted({str(r["batch_size"]) for r in rows}))
     titles(fig, ax, doc, f"Training step alone, batch {batch}: images per second")
@@ -186,7 +187,64 @@ def plot_step(doc: dict) -> Figure:
     ax.set_ylabel("images / s")
     ax.yaxis.set_major_formatter("{x:,.0f}")
     legend(ax)
+    if roofline:
+        labels = [f"{r['model']} width {r['width']:g}" + (f", {say(r, varied)}" if varied else "")
+                  for r in roofline]  # fmt: skip
+        draw_roofline(fig.add_subplot(2, 1, 2), roofline, labels)
     return fig
+
+
+# How each kind of layer is marked on the roofline.
+MARKERS = {"depthwise": "v", "pointwise": "o", "conv": "s", "bn+relu": "D", "relu": "D",
+           "bn": "D", "linear": "^", "pool": "^", "normalize": "x", "sgd": "P"}  # fmt: skip
+# Points named on the roofline: every layer but the many depthwise and pointwise convs, and
+# the convs furthest from their bound.
+NAMED_FURTHEST = 3
+
+
+def draw_roofline(ax: Axes, rows: list[dict], labels: list[str]) -> None:
+    """Log-log: each layer alone at its arithmetic intensity and the FLOP/s it reached,
+    under this machine's roofs, min(peak FLOP/s, bandwidth x intensity), one per dtype."""
+    from matplotlib.lines import Line2D  # matplotlib is optional: imported to draw only
+
+    points = [layer for r in rows for layer in r["layers"] if layer.get("achieved_flops_per_s")]
+    lo = min(p["intensity"] for p in points) / 2
+    hi = max(p["intensity"] for p in points) * 2
+    roofs = {(r["peak_dtype"], r["peak_flops_per_s"], r["bandwidth_bytes_per_s"]) for r in rows}
+    xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    for dtype, peak, bandwidth in sorted(roofs):
+        ax.plot(xs, [min(peak, bandwidth * x) for x in xs], color="black", linewidth=1.5)
+        ax.annotate(f"{dtype} matmul {peak / 1e9:,.1f} GFLOP/s", (hi, peak), ha="right",
+                    va="bottom", fontsize=8)  # fmt: skip
+        ridge = peak / bandwidth
+        ax.annotate(f"copy {bandwidth / 1e9:,.1f} GB/s", (ridge / 4, bandwidth * ridge / 4),
+                    rotation=30, fontsize=8, ha="center", va="bottom")  # fmt: skip
+    colours = [f"C{i}" for i in range(len(rows))]
+    for r, colour in zip(rows, colours, strict=True):
+        layers = [layer for layer in r["layers"] if layer.get("achieved_flops_per_s")]
+        furthest = sorted(layers, key=lambda layer: -layer["over_bound"])[:NAMED_FURTHEST]
+        for layer in layers:
+            x, y = layer["intensity"], layer["achieved_flops_per_s"]
+            ax.scatter(x, y, color=colour, marker=MARKERS.get(layer["kind"], "o"), s=28)
+            if layer in furthest or layer["kind"] not in ("depthwise", "pointwise"):
+                ax.annotate(f" {layer['layer']} ({layer['over_bound']:.1f}x)", (x, y),
+                            fontsize=7, color=colour)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(which="both", alpha=0.25)
+    ax.set_xlabel("arithmetic intensity (FLOP / byte moved, as fastmbv1.flops counts them)")
+    ax.set_ylabel("FLOP/s reached, each layer alone")
+    ax.set_title(
+        "Roofline of the step: the roofs are this machine's matmul peak and copy bandwidth, "
+        "measured; (Nx): the layer's time over its bound",
+        fontsize=9,
+    )
+    kinds = dict.fromkeys(p["kind"] for p in points)
+    handles = [Line2D([], [], color=c, marker="o", linestyle="", label=label)
+               for c, label in zip(colours, labels, strict=True)]  # fmt: skip
+    handles += [Line2D([], [], color="grey", marker=MARKERS.get(k, "o"), linestyle="", label=k)
+                for k in kinds]  # fmt: skip
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
 
 
 def plot_epoch(doc: dict) -> Figure:
@@ -198,7 +256,7 @@ def plot_epoch(doc: dict) -> Figure:
     ax = fig.add_subplot()
     ax.bar(names, compute, 0.6, label="computing (forward, backward, optimiser step)")
     bars = ax.bar(names, wait, 0.6, bottom=compute, label="waiting for the next batch")
-    ax.bar_label(bars, labels=[f"{r['data_share']:.0%} waiting" for r in rows], padding=2)
+    ax.bar_label(bars, labels=[epoch_label(r) for r in rows], padding=2)
     ax.margins(y=0.12)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
@@ -208,6 +266,14 @@ def plot_epoch(doc: dict) -> Figure:
     ax.set_ylabel("seconds")
     legend(ax)
     return fig
+
+
+def epoch_label(row: dict) -> str:
+    """AU, MLPerf's accelerator utilisation, over each bar (results saved before it: the
+    share of the epoch spent waiting)."""
+    if "au" in row:
+        return f"AU {row['au']:.0%}, {row['bound']}-bound"
+    return f"{row['data_share']:.0%} waiting"
 
 
 def plot_budget(doc: dict) -> Figure:

@@ -21,6 +21,8 @@ class Table:
     columns: list[Column]
     rows: Iterable[dict]  # measured lazily: each row prints as soon as it exists
     footer: Callable[[list[dict]], str] | None = None
+    details: Callable[[dict], str | None] | None = None  # printed after the table, per row
+    saved_as: str | None = None  # what --save names the file for, if not this machine
 
 
 def document(command: str, device, rows: list[dict]) -> dict:
