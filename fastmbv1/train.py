@@ -340,19 +340,20 @@ def train(
     world = distributed.init(pick_device(cfg.device))
     device = world.device(pick_device(cfg.device))
     plan = plan_run(cfg, device, world, start)  # the machine's decisions, checked before writing
-    cfg, train_pipe, test_pipe = plan.cfg, plan.train, plan.test
+    cfg, train_pipe, test_pipe = plan.cfg, plan.data.train, plan.data.test
     out = prepare_out(cfg, resume, overwrite, write=world.main)
     state = RunState.from_dict(latest_training_state(out)[0]) if resume else None
     totals = state.totals if state else Totals()
     log = RunLog(out, records=state and state.metrics, write=world.main, tb=cfg.tensorboard)
     why = log.start({**cfg.to_dict(), WHY: plan.why}, resumed_after=state and totals.epochs_done)
     seed_everything(cfg.seed)
-    run = build_run(cfg, device, world, **starting_model(cfg, state, model, model_kwargs))
+    given = starting_model(cfg, state, model, model_kwargs)
+    run = build_run(cfg, device, world, images=plan.data.images, **given)
     if state is not None:
         state.restore(run)
     steps = len(train_pipe)
     clock = BudgetClock(
-        cfg.budget, cfg.epochs * steps, eval_steps=plan.n_test / cfg.batch_size,
+        cfg.budget, cfg.epochs * steps, eval_steps=plan.data.n_test / cfg.batch_size,
         elapsed=totals.wall_s, start=start,
     )  # fmt: skip
 

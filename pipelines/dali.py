@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipelines.sampling import PipelineBase, shifts_and_flips
+from pipelines.sampling import PipelineBase
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -161,7 +161,7 @@ class DaliPipeline(PipelineBase):
         image_order = on_device if self.device.type == "cuda" else order
         maps = None
         if self.train:
-            maps = affine_maps(*shifts_and_flips(self.n, seed=self.seed, epoch=epoch))
+            maps = affine_maps(*self.shifts_and_flips(epoch))
         batches = [slice(s, s + self.batch_size) for s in range(0, len(order), self.batch_size)]
 
         def schedule(batch: slice) -> None:

@@ -9,11 +9,16 @@ from fastmbv1.models import build_model
 NAME = "custom_mobilenet"
 
 
-# With test-time flips inside the model, the exported graph must average them too.
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "tta"])
+# With test-time views inside the model (the mirror; the mirror and two shifts), the exported
+# graph must average them too.
+@pytest.fixture(
+    scope="module",
+    params=[{}, {"tta": True}, {"tta": True, "tta_translate": True}],
+    ids=["plain", "tta", "tta-6-views"],
+)
 def saved(tmp_path_factory, request) -> tuple:
     """A model file whose BN statistics come from data, so the logits have a sane scale."""
-    KWARGS = {"width": 0.25, "tta": request.param}
+    KWARGS = {"width": 0.25, **request.param}
     model = build_model(NAME, **KWARGS)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
