@@ -100,11 +100,12 @@ class EpochReporter:
         self.acc = self.best = 0.0
         self.reached_s: float | None = None  # the time objective's; shown as empty
         self.pruned = False
+        self.done = 0  # epochs evaluated
 
     def __call__(self, record: dict) -> bool:
         if record["test_acc"] is None:
             return False
-        self.acc = record["test_acc"]
+        self.done, self.acc = record["epoch"], record["test_acc"]
         self.best = max(self.best, self.acc)
         self.trial.report(100.0 - self.acc, record["epoch"])
         self.pruned = record["epoch"] < self.epochs and self.trial.should_prune()
@@ -154,6 +155,9 @@ class Objective:
         if reporter.pruned:
             raise optuna.TrialPruned(f"pruned at {reporter.best:.2f} %")
         if self.epochs is not None:
+            if reporter.done < self.epochs:  # cut short by --trial-budget: not comparable
+                print(f"trial {trial.number}: the trial budget ended it early", flush=True)
+                return math.nan  # Optuna records the trial as failed
             return 100.0 - reporter.acc  # the final (saved) model's shortfall
         reporter.report_until(GRID)
         return score(reporter.reached_s, reporter.best, self.target, self.budget)
