@@ -124,6 +124,16 @@ def test_the_accuracy_objective_scores_the_final_accuracy_of_fixed_epochs(tmp_pa
     assert "give --epochs N" in capsys.readouterr().err
 
 
+def test_an_accuracy_trial_its_budget_cuts_short_fails(tmp_path, inputs):
+    args = tune_args(tmp_path, *inputs)
+    i = args.index("--target-acc")
+    args[i : i + 2] = ["--objective", "accuracy", "--epochs", "30"]
+    args[args.index("--trials") + 1] = "1"
+    assert main(args) == 0
+    (trial,) = load(tmp_path).trials
+    assert trial.state == TrialState.FAIL
+
+
 def test_killed_tuner_continues_the_same_study(tmp_path, inputs):
     args = tune_args(tmp_path, *inputs)
     proc = subprocess.Popen(
