@@ -27,7 +27,7 @@ def whiten_stem(model: nn.Module, images: np.ndarray) -> None:
     """Set ``model.stem[0]`` (a conv) from the patch whitening of ``images`` (N, 32, 32, 3)
     uint8, as the model sees them (after its own normalisation)."""
     conv = model.stem[0]
-    x = torch.from_numpy(np.ascontiguousarray(images[:WHITEN_IMAGES])).permute(0, 3, 1, 2)
+    x = torch.tensor(images[:WHITEN_IMAGES]).permute(0, 3, 1, 2)  # a copy: the cache is read-only
     x = model.normalize(x.float().div(255))
     patches = F.unfold(x, conv.kernel_size).transpose(1, 2).flatten(0, 1).double()
     values, vectors = torch.linalg.eigh(patches.T @ patches / len(patches))  # ascending
