@@ -96,10 +96,14 @@ def mixed_loss(
     logits: torch.Tensor,
     y_a: torch.Tensor,
     y_b: torch.Tensor,
-    lam: float,
+    lam: float | torch.Tensor,
 ) -> torch.Tensor:
-    """lam * criterion(logits, y_a) + (1 - lam) * criterion(logits, y_b)."""
-    if lam == 1.0:  # an unmixed batch: one loss evaluation, not two
+    """lam * criterion(logits, y_a) + (1 - lam) * criterion(logits, y_b).
+
+    ``lam`` may be a 0-d tensor on the logits' device (a captured CUDA graph reads it there);
+    it is then never compared on the host, which would wait for the device.
+    """
+    if isinstance(lam, float) and lam == 1.0:  # an unmixed batch: one loss, not two
         return criterion(logits, y_a)
     return lam * criterion(logits, y_a) + (1.0 - lam) * criterion(logits, y_b)
 

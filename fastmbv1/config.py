@@ -92,6 +92,16 @@ class TrainConfig:
         None, "autocast: bf16, fp16 (with grad scaler) or off", choices=("bf16", "fp16", "off")
     )
     compile: bool | None = opt(None, "torch.compile the model (default: on CUDA only)")
+    compile_artifacts: str | None = opt(
+        None,
+        "file of torch.compile's cache artifacts: loaded before compiling if it exists, else "
+        "written once the run has compiled; carries a warm compile to a fresh machine",
+    )
+    cuda_graphs: bool | None = opt(
+        None,
+        "capture the training step as a CUDA graph and replay it, one graph per image side "
+        "(default: on a CUDA GPU in one process, unless --amp fp16)",
+    )
     channels_last: bool = opt(True, "channels_last memory format for model and batches")
     ema: float = opt(
         0.0, "decay per step of an average of the weights that is evaluated and saved (0: off)"
@@ -258,7 +268,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Fields a resumed run may change: they decide when it stops or what it writes, not the recipe.
 SAFE_ON_RESUME = {
     "budget", "eval_every", "target_acc", "checkpoint_every", "keep", "data", "profile_steps",
-    "tensorboard",
+    "tensorboard", "compile_artifacts",
 }  # fmt: skip
 
 

@@ -1,8 +1,10 @@
 """Data parallelism under ``torchrun``: one process per GPU (NCCL) or per CPU worker (gloo).
 
 ``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything here is a no-op
-for a single process. ``--batch-size`` is the global batch: each of N ranks takes 1/N of it,
-so a recipe (batch, LR, steps per epoch) means the same thing on 1 GPU or on N.
+for a single process. ``FASTMBV1_DDP=1`` under ``torchrun --nproc-per-node 1`` joins the
+process group and wraps the model in DDP all the same, so one GPU shows what DDP costs a
+step (the GPU check does this). ``--batch-size`` is the global batch: each of N ranks takes
+1/N of it, so a recipe (batch, LR, steps per epoch) means the same thing on 1 GPU or on N.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class World:
     # on them never synchronises a GPU stream. None on a single process or where gloo is
     # the default group already.
     host_group: Any = None
+    forced: bool = False  # joined with one rank, for FASTMBV1_DDP=1
 
     @property
     def main(self) -> bool:
@@ -33,7 +36,8 @@ class World:
 
     @property
     def active(self) -> bool:
-        return self.size > 1
+        """Whether a process group is joined: the model is wrapped in DDP, ranks agree."""
+        return self.size > 1 or self.forced
 
     def device(self, device: torch.device) -> torch.device:
         """On CUDA each rank drives the GPU of its local rank."""
@@ -73,11 +77,18 @@ class World:
             dist.barrier()
 
 
+# Set to 1 to join a process group (and train through DDP) even with one rank.
+FORCE_DDP = "FASTMBV1_DDP"
+
+
 def init(device: torch.device) -> World:
     """Join the process group that torchrun describes in the environment (if any)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    forced = os.environ.get(FORCE_DDP) == "1"
+    if size == 1 and not forced:
         return World()
+    if "MASTER_ADDR" not in os.environ:
+        raise UserError(f"{FORCE_DDP}=1 needs torchrun: torchrun --nproc-per-node 1 -m fastmbv1")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.type == "cuda"
     if not dist.is_initialized():
@@ -85,7 +96,7 @@ def init(device: torch.device) -> World:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
     host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-    return World(rank, size, local_rank, host_group)
+    return World(rank, size, local_rank, host_group, forced=size == 1)
 
 
 def split_batch(batch_size: int, world: World) -> int:

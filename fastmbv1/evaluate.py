@@ -29,20 +29,37 @@ def batch_dtype(amp: str) -> torch.dtype:
 def evaluate(
     model: nn.Module, batches, device: torch.device, amp: str = "off", channels_last: bool = True
 ) -> tuple[int, int]:
-    """(correct, total) over one pass of ``batches``; restores the model's training mode."""
+    """(correct, total) over one pass of ``batches``; restores the model's training mode.
+
+    Every batch is as large as the first: a shorter last one is padded with zeros (scored
+    only on its own images), so a compiled model sees one static shape.
+    """
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    total = 0
+    total, size = 0, None
     for x, y in batches:
         if not channels_last:
             x = x.contiguous()
+        n = len(y)
+        size = size or n
         with autocast(device, amp):
-            logits = model(x)
+            logits = model(pad_batch(x, size))[:n]
         correct += (logits.argmax(1) == y).sum()
-        total += len(y)
+        total += n
     model.train(was_training)
     return int(correct), total
+
+
+def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` followed by zero images up to ``size``, in ``x``'s memory format."""
+    if len(x) >= size:
+        return x
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    padded = x.new_zeros(size, *x.shape[1:]).contiguous(memory_format=layout)
+    padded[: len(x)] = x
+    return padded
 
 
 def evaluate_checkpoint(path: str, data: str | None = None, device: str = "auto") -> float:

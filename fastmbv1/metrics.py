@@ -128,10 +128,12 @@ def format_record(r: dict) -> str:
 
 
 def format_summary(s: dict) -> str:
+    cache = (s.get("compile") or {}).get("cache")
     lines = [
         f"final test accuracy {s['final_test_acc']:.2f} % after {s['epochs_done']} epochs",
         f"training {s['train_s']:.1f} s, evaluation {s['eval_s']:.1f} s, wall {s['wall_s']:.1f} s"
-        f" (compile {s['compile_s']:.1f} s), stopped by {s['stopped_by']}",
+        f" (compile {s['compile_s']:.1f} s{f', cache {cache}' if cache else ''}), "
+        f"stopped by {s['stopped_by']}",
         "reached   epoch   train s    wall s",
     ]
     for t, hit in s["time_to_accuracy"].items():

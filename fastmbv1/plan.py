@@ -25,6 +25,7 @@ import torch
 
 from fastmbv1 import config
 from fastmbv1.clock import SAVE_RESERVE_S
+from fastmbv1.compile_cache import read_record, setting_key
 from fastmbv1.config import WIDTHS, TrainConfig, narrowest
 from fastmbv1.data import RunData, run_pipelines
 from fastmbv1.distributed import World, split_batch
@@ -38,6 +39,10 @@ EPOCH_OVERHEAD = 0.05
 # An evaluation image costs about this share of a training image (forward only).
 EVAL_COST = 0.4
 TIMED_STEPS = 5
+# What a cold torch.compile of the training and evaluation graphs is assumed to take on a GPU
+# until the machine has recorded its own (fastmbv1.compile_cache): the low end of a desk
+# review's 60-130 s (issue 23), not a measurement.
+COLD_COMPILE_GUESS_S = 60.0
 # A run without --width takes the widest of config.WIDTHS that fits this many epochs. The
 # gap between half and quarter width at equal time shrinks by about 0.2 points an epoch
 # (bench/results/ab-cpu-recipe.md), which puts the crossover near 3 epochs if it goes on
@@ -66,7 +71,22 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig
     return make_config(config.resumed_settings(run_dir, overrides))
 
 
-def resolve(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, dict[str, str]]:
+def graphs_problem(device: torch.device, amp: str, world: World) -> str | None:
+    """Why the training step cannot be captured as CUDA graphs here, or None if it can."""
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA GPU"
+    if amp == "fp16":
+        return "the fp16 grad scaler decides on the host whether a step is skipped; use bf16"
+    if world.active:
+        # Capturing DDP's all-reduce needs DDP built on the capture stream, NCCL's watchdog
+        # off during capture and every rank capturing alike; not done (nor tested) yet.
+        return "not under DDP (torchrun) yet: each rank steps op by op"
+    return None
+
+
+def resolve(
+    cfg: TrainConfig, device: torch.device, world: World | None = None
+) -> tuple[TrainConfig, dict[str, str]]:
     """Fill the machine-dependent fields left as None, and say why each got its value."""
     why = {}
     cuda = device.type == "cuda"
@@ -103,6 +123,14 @@ def resolve(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, dict[s
         if problem:  # e.g. no C compiler for Inductor: train eager rather than not at all
             filled["compile"] = False
             why["compile"] = f"off: torch.compile failed on a tiny probe ({problem}); eager"
+    no_graphs = graphs_problem(device, filled.get("amp", cfg.amp), world or World())
+    if cfg.cuda_graphs and no_graphs:
+        raise UserError(f"--cuda-graphs: {no_graphs}")
+    if cfg.cuda_graphs is None:
+        filled["cuda_graphs"] = no_graphs is None
+        why["cuda_graphs"] = (
+            f"off: {no_graphs}" if no_graphs else "on: launched op by op the step is launch-bound"
+        )
     if cfg.width is None and cfg.epochs is not None:
         filled["width"] = narrowest(cfg).width
         why["width"] = f"{filled['width']:g}: --epochs is given, so the budget does not choose it"
@@ -158,12 +186,63 @@ class Plan:
     data: RunData
 
 
+def compile_pays(
+    compile_s: float, steps: float, eager_step_s: float, compiled_step_s: float | None = None
+) -> tuple[bool, float]:
+    """(whether it pays, the seconds it can save): compiling, expected to take
+    ``compile_s``, pays if it saves more over ``steps`` steps, which is their eager time less
+    their compiled time, or, with no compiled step measured yet, at most all of their time."""
+    share = 1 - compiled_step_s / eager_step_s if compiled_step_s else 1.0
+    saving = steps * eager_step_s * share
+    return compile_s < saving, saving
+
+
+def compile_by_budget(
+    cfg: TrainConfig, device: torch.device, world: World, start: float, steps: int
+) -> tuple[TrainConfig, str]:
+    """``cfg`` compiled or eager, as the expected compile time pays back within the budget,
+    and why. The compile's seconds and the step's with and without it come from this
+    machine's record (``fastmbv1.compile_cache``) where runs have measured them; the eager
+    step is otherwise timed now, and a compile never recorded here is assumed to take
+    ``COLD_COMPILE_GUESS_S``. ``steps``: training steps per epoch."""
+    per_rank = replace(cfg, batch_size=split_batch(cfg.batch_size, world))
+    record = read_record(setting_key(cfg, device, per_rank.batch_size))
+    if "warm_s" in record:
+        expected, source = record["warm_s"], "as its last warm compile here"
+    elif "cold_s" in record:
+        expected, source = record["cold_s"], "as its last compile here, cold"
+    else:
+        expected, source = COLD_COMPILE_GUESS_S, "an estimate: none recorded on this machine"
+    if "eager_step_s" in record:  # both step times from runs, if the compiled one is known
+        eager, compiled = record["eager_step_s"], record.get("compiled_step_s")
+    else:  # the step alone, timed now: comparable to no run's figure
+        timed = measure_step(
+            replace(per_rank, compile=False), device, steps=TIMED_STEPS, warmup=TIMED_STEPS
+        )
+        eager, compiled = timed["step_s"], None
+    left = cfg.budget - (time.perf_counter() - start)
+    total = min(cfg.epochs * steps if cfg.epochs else float("inf"), max(left, 0.0) / eager)
+    pays, saving = compile_pays(expected, total, eager, compiled)
+    (someone_refuses,) = world.max_over_ranks(float(not pays))  # every rank the same
+    how_much = f"{saving:.0f} s" if compiled else f"at most {saving:.0f} s"
+    weighed = (
+        f"a compile expected to take {expected:.0f} s ({source}) against the {how_much} "
+        f"it can save over {total:.0f} steps of {eager * 1000:.1f} ms"
+    )
+    if someone_refuses:
+        return replace(cfg, compile=False), f"off: it cannot pay back: {weighed}; eager"
+    return cfg, f"on: it pays back: {weighed}"
+
+
 def plan_run(cfg: TrainConfig, device: torch.device, world: World, start: float) -> Plan:
     """Resolve ``cfg`` for ``device``, build its pipelines, and fit its epochs (and width) to
     the budget if it leaves them open. Everything a user can get wrong is checked here,
     before the run writes anything."""
-    cfg, why = resolve(cfg, device)
+    compile_left_open = cfg.compile is None
+    cfg, why = resolve(cfg, device, world)
     data = run_pipelines(cfg, device, world)
+    if compile_left_open and cfg.compile and device.type == "cuda":
+        cfg, why["compile"] = compile_by_budget(cfg, device, world, start, len(data.train))
     if cfg.epochs is None:  # as many as fit into the budget at the speed measured now
         cfg, fitted = fit_epochs(cfg, device, world, start, len(data.train), data.n_test)
         why.update(fitted)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from fastmbv1.machine import sync
@@ -60,23 +61,35 @@ class StepTrace:
         return path
 
     def top_ops(self, n: int = TOP_OPS) -> list[dict]:
-        """The operators with the most time of their own (children excluded), biggest first;
-        convolutions split into depthwise, pointwise and the stem by their weight's shape."""
-        key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        totals: dict[str, list[float]] = {}
-        for e in self.profiler.key_averages(group_by_input_shape=True):
-            if e.key in REGIONS:
-                continue
-            name = e.key + conv_kind(e.input_shapes) if "conv" in e.key else e.key
-            calls_us = totals.setdefault(name, [0, 0.0])
-            calls_us[0] += e.count
-            calls_us[1] += getattr(e, key)
-        total = sum(us for _, us in totals.values()) or 1.0
-        ranked = sorted(totals.items(), key=lambda item: item[1][1], reverse=True)[:n]
-        return [
-            {"op": op, "calls": calls, "self_ms": us / 1000, "share": us / total}
-            for op, (calls, us) in ranked
-        ]
+        """The operators with the most time of their own, biggest first (``rank_ops``)."""
+        return rank_ops(self.profiler.key_averages(group_by_input_shape=True), self.device, n)
+
+
+def rank_ops(events, device: torch.device, n: int = TOP_OPS) -> list[dict]:
+    """The ``n`` operators of ``events`` (``key_averages``) with the most time of their own
+    (children excluded), biggest first; convolutions split into depthwise, pointwise and the
+    stem by their weight's shape.
+
+    On CUDA a kernel's time is in two events: the kernel's own (device type CUDA) and the
+    self device time of the CPU operator that launched it. Only the operators are summed:
+    they carry the input shapes that tell the convolutions apart, and a step replayed as a
+    CUDA graph has its kernels' time on the labelled region that replayed it.
+    """
+    cuda = device.type == "cuda"
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.key in REGIONS or (cuda and e.device_type != DeviceType.CPU):
+            continue
+        name = e.key + conv_kind(e.input_shapes) if "conv" in e.key else e.key
+        calls_us = totals.setdefault(name, [0, 0.0])
+        calls_us[0] += e.count
+        calls_us[1] += e.self_device_time_total if cuda else e.self_cpu_time_total
+    total = sum(us for _, us in totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda item: item[1][1], reverse=True)[:n]
+    return [
+        {"op": op, "calls": calls, "self_ms": us / 1000, "share": us / total}
+        for op, (calls, us) in ranked
+    ]
 
 
 def conv_kind(shapes: list) -> str:

@@ -4,6 +4,16 @@
 optimiser, the grad scaler and the loss from a config: the trainer, the bench, tune and
 prune all build through it. ``train_step`` is the only place in fastmbv1 that runs forward,
 backward and the optimiser step; it returns device tensors and never waits for the device.
+
+With ``cuda_graphs`` the step is captured once per batch shape and replayed (``StepGraphs``):
+a step of MobileNetV1 is a few hundred small kernels, and at batch 512 launching them one by
+one from Python costs more than running them. What changes from step to step reaches the
+graph through device tensors updated in place: the batch and its labels (copied into the
+captured inputs), the learning rate (the optimiser's ``lr`` is one device tensor, which fused
+SGD reads on the device) and mixup's or cutmix's lambda. The permutation that mixes a batch
+is applied before the step (``fastmbv1.augment``), so only its result, the second labels,
+enters the graph. Progressive resizing gets one graph per image side; a new side is warmed
+up, then captured, and the graphs of smaller sides are released, since sides only grow.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ class Run:
     info: dict  # the saved-model record without weights (fastmbv1.checkpoint.model_info)
     skipped_steps: torch.Tensor  # fp16 steps the scaler skipped, counted on the device
     ema: WeightAverage | None = None  # with --ema, the average that is evaluated and saved
+    graphs: StepGraphs | None = None  # with --cuda-graphs on CUDA: the step, captured
 
     @property
     def shipped(self) -> nn.Module:
@@ -109,15 +120,17 @@ def build_run(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = WeightAverage(model, cfg.ema) if cfg.ema else None
 
-    def compiled(m: nn.Module) -> nn.Module:
-        return torch.compile(m, backend=COMPILE_BACKEND) if cfg.compile else m
+    def compiled(m: nn.Module, **kw) -> nn.Module:
+        return torch.compile(m, backend=COMPILE_BACKEND, **kw) if cfg.compile else m
 
     if cfg.compile:
         # Each run its own compile state: graphs of earlier runs in this process (a tuner's
         # trials) would otherwise fill dynamo's recompile limit and silently turn it off.
         torch._dynamo.reset()
     model_for_step = compiled(model)
-    model_for_eval = compiled(ema.model) if ema else model_for_step
+    # The evaluation has a batch of its own (evaluate pads the last one to it): compiled
+    # static, or dynamo, seeing a second batch size, would make the batch dimension symbolic.
+    model_for_eval = compiled(ema.model if ema else model, dynamic=False)
     if world.active:  # compile the module, then wrap it (PyTorch's guidance for DDP)
         ids = [device.index] if device.index is not None else None
         model_for_step = DistributedDataParallel(model_for_step, device_ids=ids)
@@ -132,7 +145,7 @@ def build_run(
         # fused kernel is ~200x slower than the default.
         fused=device.type == "cuda" or None,
     )
-    return Run(
+    run = Run(
         cfg=cfg,
         device=device,
         model=model,
@@ -147,6 +160,9 @@ def build_run(
         skipped_steps=torch.zeros((), dtype=torch.int64, device=device),
         ema=ema,
     )
+    if cfg.cuda_graphs and device.type == "cuda":
+        run.graphs = StepGraphs(run)
+    return run
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -165,8 +181,11 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def set_lr(run: Run, lr: float) -> None:
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
+    for i, group in enumerate(run.optimizer.param_groups):
+        if run.graphs is not None:  # in place: a captured step reads it on the device
+            run.graphs.lrs[i].fill_(lr * group["lr_scale"])
+        else:
+            group["lr"] = lr * group["lr_scale"]
 
 
 def train_step(
@@ -176,6 +195,19 @@ def train_step(
 
     Returns the loss and the number of predictions equal to ``y_a``, both on the device.
     """
+    if run.graphs is not None:
+        loss, hits = run.graphs.step(x, y_a, y_b, lam)
+    else:
+        loss, hits = eager_step(run, x, y_a, y_b, lam)
+    if run.ema is not None:  # outside any graph: its decay changes on the host every step
+        run.ema.update()
+    return loss, hits
+
+
+def eager_step(
+    run: Run, x: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``train_step``'s work, op by op (``lam`` may be a device tensor: see StepGraphs)."""
     with record_function("forward"), autocast(run.device, run.cfg.amp):
         logits = run.model_for_step(x)
         loss = augment.mixed_loss(run.criterion, logits, y_a, y_b, lam)
@@ -188,6 +220,92 @@ def train_step(
             found_inf = sum(run.scaler._found_inf_per_device(run.optimizer).values())
             run.skipped_steps += found_inf.to(torch.int64)
         run.scaler.update()
-        if run.ema is not None:
-            run.ema.update()
     return loss.detach(), (logits.argmax(1) == y_a).sum()
+
+
+# Eager steps at each new batch shape before it is captured: compiling, cuDNN's kernel
+# choice, the optimiser's momentum buffers and cuBLAS's workspace all happen then, never
+# inside a capture (PyTorch's CUDA graphs notes warm up three steps on the capture stream).
+GRAPH_WARMUP_STEPS = 3
+
+
+@dataclass
+class Captured:
+    """One captured step: its graph and the tensors it reads and writes, at fixed addresses."""
+
+    graph: torch.cuda.CUDAGraph
+    x: torch.Tensor
+    y_a: torch.Tensor
+    y_b: torch.Tensor
+    loss: torch.Tensor
+    hits: torch.Tensor
+
+
+class StepGraphs:
+    """The training step as CUDA graphs, one per batch shape (see the module's docstring).
+
+    Only for one process and no grad scaler (``fastmbv1.plan.resolve`` decides): the fp16
+    scaler keeps its state on the host, and DDP would need its own capture rules. The loss
+    and the hit count are computed inside the graph.
+    """
+
+    def __init__(self, run: Run):
+        if run.scaler.is_enabled():
+            raise ValueError("CUDA graphs do not capture the fp16 grad scaler's host state")
+        self.run = run
+        self.stream = torch.cuda.Stream(run.device)  # warm-up and capture, one stream
+        # One learning rate per optimiser group (their --bias-lr scales differ).
+        self.lrs = [
+            torch.tensor(float(g["lr"]), device=run.device) for g in run.optimizer.param_groups
+        ]
+        # Mixing recipes pass lambda as a device tensor; the others the constant 1.0, which
+        # keeps their loss one cross-entropy rather than two.
+        self.mixes = run.cfg.mixup > 0 or run.cfg.cutmix > 0
+        self.lam = torch.ones((), device=run.device)
+        self.captured: dict[tuple, Captured] = {}
+        self.warm: dict[tuple, int] = {}  # eager steps run so far at each shape
+
+    def step(
+        self, x: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mixes:
+            self.lam.fill_(lam)
+        key = (tuple(x.shape), x.stride(), x.dtype)
+        c = self.captured.get(key)
+        if c is None and self.warm.get(key, 0) < GRAPH_WARMUP_STEPS:
+            self.warm[key] = self.warm.get(key, 0) + 1
+            return self.on_stream(lambda: eager_step(self.run, x, y_a, y_b, self.lam_arg()))
+        if c is None:
+            self.captured.clear()  # a new side: the smaller ones never come back
+            c = self.captured[key] = self.capture(x, y_a, y_b)
+        with record_function("step (CUDA graph)"):
+            c.x.copy_(x)
+            c.y_a.copy_(y_a)
+            c.y_b.copy_(y_b)
+            c.graph.replay()
+        # Copies: the captured outputs are overwritten by the next replay.
+        return c.loss.clone(), c.hits.clone()
+
+    def lam_arg(self) -> float | torch.Tensor:
+        return self.lam if self.mixes else 1.0
+
+    def on_stream(self, fn):
+        """``fn()`` on the capture stream, ordered after and before the current stream."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.run.device))
+        for group, lr in zip(self.run.optimizer.param_groups, self.lrs, strict=True):
+            group["lr"] = lr  # resume may have loaded floats
+        with torch.cuda.stream(self.stream):
+            out = fn()
+        torch.cuda.current_stream(self.run.device).wait_stream(self.stream)
+        return out
+
+    def capture(self, x: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> Captured:
+        graph = torch.cuda.CUDAGraph()
+        inputs = x.clone(memory_format=torch.preserve_format), y_a.clone(), y_b.clone()
+
+        def record() -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.cuda.graph(graph, stream=self.stream):
+                return eager_step(self.run, *inputs, self.lam_arg())
+
+        loss, hits = self.on_stream(record)
+        return Captured(graph, *inputs, loss, hits)

@@ -42,6 +42,7 @@ def describe(cfg: TrainConfig, device: torch.device) -> dict:
         "channels_last": cfg.channels_last,
         "amp": cfg.amp,
         "compile": cfg.compile,
+        "cuda_graphs": cfg.cuda_graphs,
         "device": str(device),
     }
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
 from fastmbv1 import augment, distributed
@@ -33,8 +34,9 @@ from fastmbv1.checkpoint import (
     save_training_state,
 )
 from fastmbv1.clock import BudgetClock
+from fastmbv1.compile_cache import CompileCache
 from fastmbv1.config import WHY, TrainConfig
-from fastmbv1.distributed import World
+from fastmbv1.distributed import World, split_batch
 from fastmbv1.errors import Diverged, Interrupted, UserError
 from fastmbv1.evaluate import evaluate
 from fastmbv1.machine import device_name, peak_memory, pick_device, sync, versions
@@ -347,6 +349,8 @@ def train(
     log = RunLog(out, records=state and state.metrics, write=world.main, tb=cfg.tensorboard)
     why = log.start({**cfg.to_dict(), WHY: plan.why}, resumed_after=state and totals.epochs_done)
     seed_everything(cfg.seed)
+    # Before building: compiled artifacts carried from another machine fill the cache first.
+    compile_cache = CompileCache(cfg, device, split_batch(cfg.batch_size, world))
     given = starting_model(cfg, state, model, model_kwargs)
     run = build_run(cfg, device, world, images=plan.data.images, **given)
     if state is not None:
@@ -359,6 +363,7 @@ def train(
 
     def warm_up() -> None:  # compile the eval graph after the first step, not in the first eval
         evaluate(run.model_for_eval, [next(iter(test_pipe))], device, cfg.amp, cfg.channels_last)
+        compile_cache.compiled()
 
     def save() -> Path | None:
         state = RunState.capture(run, totals, log.records)
@@ -403,22 +408,37 @@ def train(
             signals, saved, out, f"after epoch {totals.epochs_done} (step {totals.steps})"
         )
     totals.wall_s = clock.wall()
-    return finish(run, log, totals, stop, why, out, world)
+    steady = (totals.train_s - totals.compile_s) / (totals.steps - 1) if totals.steps > 1 else None
+    compiled = compile_cache.finish(totals.compile_s, steady)
+    return finish(run, log, totals, stop, why, out, world, compiled)
 
 
 def finish(
-    run: Run, log: RunLog, totals: Totals, stopped_by: str, why: dict, out: Path, world: World
+    run: Run,
+    log: RunLog,
+    totals: Totals,
+    stopped_by: str,
+    why: dict,
+    out: Path,
+    world: World,
+    compiled: dict,
 ) -> RunResult:
-    """Write final.pt and summary.json; the last record holds the final accuracy."""
+    """Write final.pt and summary.json; the last record holds the final accuracy.
+
+    ``compiled``: what compiling cost and whether it hit the caches (``CompileCache``).
+    """
     final_acc = log.records[-1]["test_acc"]
     summary = {
         "final_test_acc": final_acc,
         "stopped_by": stopped_by,
         "time_to_accuracy": log.tta,
         **asdict(totals),
+        "compile": compiled,
         "budget_s": run.cfg.budget,
         "peak_memory_bytes": peak_memory(run.device),
         "device": device_name(run.device),
+        "ranks": world.size,
+        "ddp": isinstance(run.model_for_step, DistributedDataParallel),
         "versions": versions(),
         "preset": run.cfg.preset,
         "params": sum(p.numel() for p in run.model.parameters()),

@@ -1,4 +1,4 @@
-"""NVIDIA DALI: each sample's shift and flip as one DALI operator, a batch ahead of training.
+"""NVIDIA DALI: each sample's shift and flip as one DALI operator, a chunk ahead of training.
 
 The epoch's plan is the one every pipeline draws (``pipelines.sampling``), and the scaling to
 [0, 1] divides as the torch pipeline's ``x.to(dtype).div_(255)`` does on the same device (see
@@ -8,8 +8,12 @@ is gathered there and handed to DALI's GPU operators without a trip through host
 comes back on torch's current stream without a host sync. With ``device_id=None`` the same
 graph runs DALI's CPU operators, which is what machines without a GPU (and the tests) use.
 
-DALI works on batch i + 1 while the caller works on batch i: each step collects one batch
-and schedules the next before handing the first over.
+One DALI run augments a chunk of ``chunk`` batches (``CHUNK_BATCHES`` by default), and the
+batches handed over are slices of it. A run costs the host the same whatever its size
+(feeding inputs, scheduling, collecting, taking the output over), so per batch it costs
+1/chunk of that: a training step, launch-bound already, waits for it once a chunk rather
+than every step. DALI works on chunk k + 1 while the caller works through chunk k: each
+chunk is collected, the next one is scheduled, then its batches are handed over.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from fastmbv1.errors import UserError
 from pipelines.sampling import PipelineBase
 
 try:
@@ -29,6 +34,11 @@ except ImportError as e:  # optional dependency: unavailable() says so, build() 
     MISSING: str | None = f"NVIDIA DALI is not installed ({e}); pip install nvidia-dali-cuda120"
 else:
     MISSING = None
+
+
+# Batches per DALI run; an option (``chunk``) so that the bench can compare run sizes.
+CHUNK_BATCHES = 16
+OPTIONS = ("chunk",)
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -99,12 +109,21 @@ def augment(train: bool, device: str, scale: bool) -> DataNode:
 
 class DaliPipeline(PipelineBase):
     def __init__(
-        self, images: np.ndarray, labels: np.ndarray, *, device: torch.device, **settings
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        device: torch.device,
+        chunk: int = CHUNK_BATCHES,
+        **settings,
     ) -> None:
+        if chunk < 1:
+            raise UserError(f"DALI's chunk must be at least 1 batch, got {chunk}")
         on_gpu = device.type == "cuda"
         if on_gpu and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         super().__init__(len(images), device=device, **settings)
+        self.chunk = chunk
         # (N, 32, 32, 3) uint8. DALI asks torch for a CUDA stream whenever it is fed a torch
         # tensor, so on the host the images stay numpy.
         self.images = torch.tensor(images, device=device) if on_gpu else images
@@ -113,18 +132,18 @@ class DaliPipeline(PipelineBase):
             train=self.train,
             device="gpu" if on_gpu else "cpu",
             scale=scales_in_dali(device),
-            batch_size=self.batch_size,
+            batch_size=self.batch_size * chunk,  # DALI's batch is our chunk
             num_threads=num_threads(),
             device_id=device.index if on_gpu else None,
-            # Each batch's inputs are fed just before its run is scheduled, which needs an
-            # input queue one batch deep; running ahead is __iter__'s doing.
+            # Each chunk's inputs are fed just before its run is scheduled, which needs an
+            # input queue one run deep; running ahead is __iter__'s doing.
             prefetch_queue_depth=1,
             # Outputs in fresh buffers that stay valid after the next run, so torch can take
             # them over through DLPack without a copy.
             exec_dynamic=True,
         )
         self.pipe.build()
-        self.scheduled = 0  # runs whose batches nobody has collected yet
+        self.scheduled = 0  # runs whose chunks nobody has collected yet
         self.owner: object | None = None  # the epoch (generator) the pipeline works for
 
     def stream(self) -> torch.cuda.Stream | None:
@@ -133,7 +152,7 @@ class DaliPipeline(PipelineBase):
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
     def collect(self) -> torch.Tensor:
-        """The oldest scheduled batch as (B, 3, 32, 32) floats in [0, 1], channels_last."""
+        """The oldest scheduled chunk as (N, 3, 32, 32) floats in [0, 1], channels_last."""
         (out,) = self.pipe.outputs(self.stream())
         self.scheduled -= 1
         # (B, 32, 32, 3) contiguous, viewed as (B, 3, 32, 32), is channels_last already.
@@ -162,26 +181,28 @@ class DaliPipeline(PipelineBase):
         maps = None
         if self.train:
             maps = affine_maps(*self.shifts_and_flips(epoch))
-        batches = [slice(s, s + self.batch_size) for s in range(0, len(order), self.batch_size)]
+        step = self.batch_size * self.chunk
+        chunks = [slice(s, s + step) for s in range(0, len(order), step)]
 
-        def schedule(batch: slice) -> None:
+        def schedule(chunk: slice) -> None:
             self.pipe.feed_input(
-                "images", self.images[image_order[batch]], cuda_stream=self.stream()
+                "images", self.images[image_order[chunk]], cuda_stream=self.stream()
             )
             if maps is not None:
-                self.pipe.feed_input("matrix", maps[order[batch]])
+                self.pipe.feed_input("matrix", maps[order[chunk]])
             self.pipe.schedule_run()
             self.scheduled += 1
 
-        if batches:
-            schedule(batches[0])
-        for i, batch in enumerate(batches):
-            x = self.collect()
-            if i + 1 < len(batches):
-                schedule(batches[i + 1])
-            yield x, self.labels[on_device[batch]]
-            if self.owner is not owner:
-                raise RuntimeError("this DALI pipeline has started another epoch since")
+        if chunks:
+            schedule(chunks[0])
+        for i, chunk in enumerate(chunks):
+            x, y = self.collect(), self.labels[on_device[chunk]]
+            if i + 1 < len(chunks):
+                schedule(chunks[i + 1])
+            for s in range(0, len(y), self.batch_size):
+                yield x[s : s + self.batch_size], y[s : s + self.batch_size]
+                if self.owner is not owner:
+                    raise RuntimeError("this DALI pipeline has started another epoch since")
 
 
 def build(images: np.ndarray, labels: np.ndarray, **settings) -> DaliPipeline:

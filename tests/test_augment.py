@@ -84,6 +84,19 @@ def test_mixed_loss_is_the_weighted_sum():
     expected = 0.3 * ce(logits, ya) + 0.7 * ce(logits, yb)
     assert torch.equal(mixed_loss(ce, logits, ya, yb, 0.3), expected)
     assert torch.equal(mixed_loss(ce, logits, ya, ya, 1.0), ce(logits, ya))
+    # A captured CUDA graph passes lambda as a device tensor, filled in place each step: it
+    # must never be read on the host (on a GPU that waits for the device, and breaks capture).
+    for lam, y_b, want in ((0.3, yb, expected), (1.0, ya, ce(logits, ya))):
+        device_lam = torch.tensor(lam).as_subclass(NoHostReads)
+        got = mixed_loss(ce, logits, ya, y_b, device_lam).as_subclass(torch.Tensor)
+        torch.testing.assert_close(got, want)
+
+
+class NoHostReads(torch.Tensor):
+    """A tensor that fails the test where its value would be read on the host."""
+
+    def __bool__(self):
+        raise AssertionError("read on the host")
 
 
 @pytest.mark.parametrize("size", [8, 5])

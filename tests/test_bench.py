@@ -65,13 +65,15 @@ def test_loaders_table_saved_file_and_plots(bench, tmp_path):
     )
     assert status == 0, err
     header, rows = printed_table(out)
-    assert header.split()[:3] == ["pipeline", "workers", "batch"]
-    assert [r[:3] for r in rows] == [["torch", "-", "32"], ["torchvision", "0", "32"]]
+    assert header.split()[:4] == ["pipeline", "workers", "chunk", "batch"]
+    assert [r[:4] for r in rows] == [["torch", "-", "-", "32"], ["torchvision", "0", "-", "32"]]
     [saved] = tmp_path.glob("loaders-*.json")
     doc = json.loads(saved.read_text())
     assert doc.keys() >= {"command", "machine", "versions", "results"}
     assert [r["images"] for r in doc["results"]] == [64, 64]
     assert all(r["images_per_s"] > 0 for r in doc["results"])
+    # Host time per batch: 2 batches per epoch, each at least what its own gather took.
+    assert all(0 < r["host_ms_per_batch"] < 1000 * r["seconds"] / 2 for r in doc["results"])
     # --plot FILE, and with --save the same picture beside the JSON.
     assert is_png(tmp_path / "loaders.png") and is_png(saved.with_suffix(".png"))
     saved.with_suffix(".png").unlink()

@@ -14,6 +14,8 @@ from conftest import tiny_batches, tiny_config, write_archive
 import fastmbv1
 from fastmbv1 import step
 from fastmbv1 import train as train_module
+from fastmbv1.models import MODELS
+from fastmbv1.models.mobilenet import Classifier
 from fastmbv1.train import train
 
 
@@ -66,9 +68,24 @@ def test_a_fifth_width_in_one_process_is_still_compiled(tmp_path, data, counting
         assert max(sizes, default=0) > 50, f"width {width} was not compiled: graphs {sizes}"
 
 
-def test_the_eval_graph_compiles_after_the_first_step_not_in_an_evaluation(
+def symbolic_inputs(gm) -> list[str]:
+    """The graph's inputs that are sizes rather than tensors of fixed shape: what dynamo adds
+    when it compiles a dimension as dynamic."""
+    found = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        shape = getattr(value, "shape", ())
+        if isinstance(value, torch.SymInt) or any(isinstance(d, torch.SymInt) for d in shape):
+            found.append(node.name)
+    return found
+
+
+def test_the_eval_graph_compiles_after_the_first_step_with_a_static_batch(
     tmp_path, data, counting, monkeypatch
 ):
+    # 40 test images in batches of 16 (the training batch is 32): the last batch of 8 is
+    # padded to 16, so the eval graph that the warm-up compiled serves every evaluation as
+    # it is, and its batch is a number, not a symbol that dynamo made dynamic.
     real, seen = train_module.evaluate_run, []
 
     def watched(*args):
@@ -78,9 +95,12 @@ def test_the_eval_graph_compiles_after_the_first_step_not_in_an_evaluation(
         return acc
 
     monkeypatch.setattr(train_module, "evaluate_run", watched)
-    summary = train(config(tmp_path, data, epochs=2)).summary
+    summary = train(config(tmp_path, data, epochs=2, eval_batch_size=16)).summary
     assert seen == [0, 0]  # no evaluation compiled anything: the warm-up did, and counted it
     assert summary["compile_s"] > 0
+    model_graphs = [g for g in counting.graphs if len(g.graph.nodes) > 50]
+    assert len(model_graphs) == 2  # the training step's and the evaluation's, nothing more
+    assert [symbolic_inputs(g) for g in model_graphs] == [[], []]
 
 
 def test_a_backend_that_cannot_compile_falls_back_to_eager(tmp_path, data, monkeypatch, capsys):
@@ -109,3 +129,37 @@ def test_two_gloo_ranks_train_compiled_in_step(tmp_path, data):
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
     assert json.loads((out / "summary.json").read_text())["compile_s"] > 0
+
+
+def tiny_classifier(width=1.0, normalize=True, dropout=0.0, tta=False, num_classes=10):
+    """Normalise, pool, classify: a network Inductor compiles in a few kernels, not minutes."""
+    identity = torch.nn.Identity()
+    return Classifier(identity, identity, 3, num_classes, normalize, dropout, tta)
+
+
+def test_summary_says_cold_then_warm_and_artifacts_warm_a_fresh_cache(tmp_path, data, monkeypatch):
+    # Real Inductor on a tiny model: a fresh cache folder misses and records its
+    # cold seconds; the same folder then hits and records warm seconds beside them; and the
+    # artifacts the first run wrote make a second, empty folder hit as well.
+    monkeypatch.setitem(MODELS, "tiny", tiny_classifier)
+    # Compile in this process: a pool of compile workers would first import torch each.
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
+    artifacts = tmp_path / "compiled.bin"
+
+    def run(name: str, cache: str) -> dict:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / cache))
+        cfg = config(
+            tmp_path, data, name, model="tiny", tta=False, compile_artifacts=str(artifacts)
+        )
+        train(cfg)
+        return json.loads((tmp_path / name / "summary.json").read_text())["compile"]
+
+    cold = run("cold", "cache")
+    assert cold["cache"] == "miss" and cold["fxgraph_misses"] > 0 and cold["fxgraph_hits"] == 0
+    assert cold["cold_s"] == cold["seconds"] > 0 and "warm_s" not in cold
+    assert artifacts.stat().st_size == cold["artifacts_saved_bytes"] > 0
+    warm = run("warm", "cache")
+    assert warm["cache"] == "hit" and warm["fxgraph_misses"] == 0
+    assert warm["cold_s"] == cold["cold_s"] and warm["warm_s"] == warm["seconds"] > 0
+    shipped = run("shipped", "fresh-cache")
+    assert shipped["artifacts_loaded"] > 0 and shipped["cache"] == "hit"

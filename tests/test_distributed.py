@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -118,3 +119,53 @@ def test_two_ranks_train_in_step(tmp_path):
     correct, total = evaluate(model, test, torch.device("cpu"))
     assert total == 40
     assert summary["final_test_acc"] == pytest.approx(100.0 * correct / total)
+
+
+def test_one_rank_forced_into_ddp_trains_through_the_ddp_wrapper(tmp_path, monkeypatch):
+    # The GPU check's `torchrun --nproc-per-node 1` run with FASTMBV1_DDP=1: a process group
+    # of one, and the step really runs through DistributedDataParallel, as the summary says.
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fastmbv1 import distributed
+    from fastmbv1 import train as train_module
+    from fastmbv1.plan import make_config
+
+    data = write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+               WORLD_SIZE="1", LOCAL_RANK="0", FASTMBV1_DDP="1")  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    built = []
+    real = train_module.build_run
+    monkeypatch.setattr(
+        train_module, "build_run", lambda *a, **k: built.append(real(*a, **k)) or built[-1]
+    )
+    fields = dict(preset="cpu", data=str(data), out=str(tmp_path / "run"), width=0.25, epochs=1,
+                  batch_size=32, pipeline="torch", eval_batch_size=50)  # fmt: skip
+    try:
+        summary = train_module.train(make_config(fields)).summary
+        assert torch.distributed.is_initialized()
+    finally:
+        distributed.shutdown()
+    assert isinstance(built[0].model_for_step, DistributedDataParallel)
+    assert summary["ddp"] is True and summary["ranks"] == 1
+
+
+def test_the_gpu_checks_ddp1_run_is_forced_through_ddp(tmp_path, monkeypatch):
+    # The check's one-rank DDP run is the run above: torchrun with one rank, FASTMBV1_DDP=1,
+    # and otherwise the same flags as the eager run it is compared with.
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("check", ROOT / "bench" / "gpu" / "check.py")
+    check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "check", check)  # its dataclasses look themselves up
+    spec.loader.exec_module(check)
+    phases = {p.name: p for p in check.plan("cuda", "d.tar.gz", False, tmp_path, True, tmp_path)}
+    ddp, eager = phases["train-eager-ddp1"], phases["train-eager"]
+    assert ddp.env == {"FASTMBV1_DDP": "1"} and eager.env == {}
+    assert ddp.argv[2:7] == ["torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m"]
+    assert ddp.argv[7:] == [a.replace("train-eager", "train-eager-ddp1") for a in eager.argv[2:]]
+    # Training runs first, each with its budget reserved, then the benches.
+    assert [p.train for p in phases.values()] == [True] * 4 + [False] * 4

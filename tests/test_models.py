@@ -83,3 +83,15 @@ def test_unknown_model_is_a_user_error():
     with pytest.raises(UserError, match="unknown model"):
         build_model("resnet9000")
     assert {"mobilenet_v1", "custom_mobilenet"} <= set(MODELS)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_normalisation_keeps_the_batchs_dtype(dtype):
+    # A half-size batch must stay half-size into the stem (autocast casts there anyway), and
+    # be what that cast would have made of the fp32 result: the values are unchanged.
+    norm = build_model("mobilenet_v1", width=0.25).normalize
+    x = torch.rand(4, 3, 32, 32).to(dtype)
+    out = norm(x)
+    assert out.dtype == dtype
+    expected = ((x.float() - norm.mean) / norm.std).to(dtype)
+    assert torch.equal(out, expected)

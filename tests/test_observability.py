@@ -2,11 +2,15 @@
 
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import tiny_batches, tiny_config, write_archive
+from torch.autograd import DeviceType
 
 from fastmbv1.cli import main
+from fastmbv1.profile import rank_ops
 from fastmbv1.train import train
 
 
@@ -31,6 +35,33 @@ def test_bench_step_trace_has_the_step_regions_and_prints_top_operators(tmp_path
     assert labels(trace) >= STEP_REGIONS
     out = capsys.readouterr().out
     assert "operators by their own time" in out and "(depthwise)" in out and "(pointwise)" in out
+
+
+def event(key, device_type, device_us, cpu_us=0.0, shapes=()):
+    """One row of ``key_averages``, as the profiler hands it over."""
+    return SimpleNamespace(
+        key=key, count=1, input_shapes=list(shapes), device_type=device_type,
+        self_device_time_total=device_us, self_cpu_time_total=cpu_us,
+    )  # fmt: skip
+
+
+def test_cuda_operator_table_counts_each_kernel_once():
+    # On CUDA a kernel's 300 us are both the launching operator's self device time and the
+    # kernel event's own: the table sums the operators, so the shares add up to the device
+    # time once, and the depthwise convolution keeps its shape-given name.
+    depthwise = [[8, 32, 16, 16], [32, 1, 3, 3]]
+    events = [
+        event("aten::cudnn_convolution", DeviceType.CPU, 300.0, 20.0, depthwise),
+        event("void cudnn::depthwise_kernel", DeviceType.CUDA, 300.0),
+        event("aten::add_", DeviceType.CPU, 100.0, 5.0),
+        event("void elementwise_kernel", DeviceType.CUDA, 100.0),
+        event("forward", DeviceType.CUDA, 400.0),  # a labelled region on the GPU timeline
+    ]
+    rows = rank_ops(events, torch.device("cuda"))
+    assert [r["op"] for r in rows] == ["aten::cudnn_convolution (depthwise)", "aten::add_"]
+    assert [r["self_ms"] for r in rows] == [0.3, 0.1]
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert rows[0]["share"] == pytest.approx(0.75)
 
 
 def test_bench_epoch_trace_has_data_augment_and_evaluation_regions(tmp_path, capsys):

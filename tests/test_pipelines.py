@@ -203,8 +203,10 @@ def test_dali_and_torch_are_identical(data, dtype, train, scales_in_dali, monkey
     # Either side scales on each device (CUDA leaves it to torch): both must hold here.
     monkeypatch.setattr(dali, "scales_in_dali", lambda device: scales_in_dali)
     images, labels = data[0][:1500], data[1][:1500]
-    kw = {"train": train, "dtype": dtype, "drop_last": False}
-    dali, ref = build("dali", images, labels, **kw), build("torch", images, labels, **kw)
+    kw = {"train": train, "dtype": dtype, "drop_last": False, "batch_size": 128}
+    # Runs of 5 batches: 12 batches are chunks of 5, 5 and 2, the last batch a short one.
+    dali = build("dali", images, labels, chunk=5, **kw)
+    ref = build("torch", images, labels, **kw)
     dali.epoch = ref.epoch = 5
     assert len(dali) == len(ref)
     for (x, y), (x_ref, y_ref) in zip(dali, ref, strict=True):
@@ -271,14 +273,17 @@ def test_an_epoch_left_part_way_changes_no_later_epoch(name, data):
 
 
 @skip_unless_available("dali")
-def test_dali_runs_the_next_batch_while_the_caller_has_this_one(data):
-    p = build("dali", data[0][:1000], data[1][:1000], batch_size=256, drop_last=False)
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_dali_runs_the_next_chunk_while_the_caller_has_this_one(data, chunk):
+    # 4 batches: runs of one batch each, or two runs of two; the next run is scheduled as
+    # soon as a chunk is collected, and the last chunk's batches are handed over with none.
+    p = build("dali", data[0][:1000], data[1][:1000], batch_size=256, drop_last=False, chunk=chunk)
     batches = iter(p)
-    for _ in range(len(p) - 1):
+    scheduled = []
+    for _ in range(len(p)):
         next(batches)
-        assert p.scheduled == 1
-    next(batches)
-    assert p.scheduled == 0
+        scheduled.append(p.scheduled)
+    assert scheduled == {1: [1, 1, 1, 0], 2: [1, 1, 0, 0]}[chunk]
     with pytest.raises(StopIteration):
         next(batches)
 

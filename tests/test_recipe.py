@@ -13,6 +13,8 @@ from conftest import tiny_batches, tiny_config, write_archive
 import fastmbv1
 from fastmbv1 import plan
 from fastmbv1.config import TrainConfig, narrowest
+from fastmbv1.distributed import World
+from fastmbv1.errors import UserError
 from fastmbv1.evaluate import evaluate_checkpoint
 from fastmbv1.plan import make_config, resolve, resume_config
 from fastmbv1.train import train
@@ -37,6 +39,19 @@ def data(tmp_path):
 def test_auto_preset_follows_the_device(monkeypatch, cuda, fields, preset):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert make_config(fields).preset == preset
+
+
+def test_cuda_graphs_default_to_one_process_without_fp16_and_are_refused_elsewhere():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert plan.graphs_problem(cuda, "bf16", World()) is None
+    assert plan.graphs_problem(cuda, "off", World()) is None
+    assert "fp16" in plan.graphs_problem(cuda, "fp16", World())
+    assert "DDP" in plan.graphs_problem(cuda, "bf16", World(size=2))
+    assert "DDP" in plan.graphs_problem(cuda, "bf16", World(forced=True))
+    cfg, why = resolve(make_config({"device": "cpu"}), cpu)
+    assert cfg.cuda_graphs is False and why["cuda_graphs"].startswith("off: CUDA graphs need")
+    with pytest.raises(UserError, match="--cuda-graphs: CUDA graphs need a CUDA GPU"):
+        resolve(make_config({"device": "cpu", "cuda_graphs": True}), cpu)
 
 
 def test_auto_never_reaches_a_saved_config_and_resume_keeps_the_resolved_one(
@@ -273,3 +288,15 @@ def test_a_resumed_run_keeps_the_reasons_for_its_fitted_recipe(tmp_path, data, m
     train(resume_config(run, {}), resume=str(run))
     assert json.loads((run / "config.json").read_text())["why"]["epochs"] == fitted
     assert json.loads((run / "summary.json").read_text())["why"]["epochs"] == fitted
+
+
+def test_compile_pays_only_when_it_saves_more_than_it_costs():
+    # 2,910 steps of 6 ms (the fast recipe as the review estimates it on an H100): 17.5 s of
+    # eager training can never pay for a 60 s compile, even at an infinite speed-up.
+    pays, saving = plan.compile_pays(60.0, 2910, 0.006)
+    assert not pays and saving == pytest.approx(17.46)
+    assert plan.compile_pays(60.0, 30_000, 0.006)[0]  # a long run can afford it
+    # A measured compiled step bounds the saving: 30,000 steps at 6 ms -> 5 ms saves 30 s.
+    pays, saving = plan.compile_pays(60.0, 30_000, 0.006, compiled_step_s=0.005)
+    assert not pays and saving == pytest.approx(30.0)
+    assert plan.compile_pays(20.0, 30_000, 0.006, compiled_step_s=0.005)[0]  # warm cache

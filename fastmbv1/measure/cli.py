@@ -241,7 +241,7 @@ def add_step(sub) -> None:
         "images/s of the training step alone, data on the device",
         "Time the training step alone (forward, backward, optimiser step) on one batch "
         "already on the device, for every combination of the models, widths, channels_last, "
-        "AMP and compile settings given.",
+        "AMP, compile and CUDA graph settings given.",
     )
     measurement_flags(p, data=False)
     p.add_argument(
@@ -278,6 +278,13 @@ def add_step(sub) -> None:
         choices=ON_OFF,
         help="torch.compile on, off or both (default: off on; only off on the CPU, where "
         "compiling takes minutes)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        nargs="+",
+        choices=ON_OFF,
+        help="the step captured as a CUDA graph, op by op, or both (default: off on, except "
+        "with fp16; only off on the CPU)",
     )
     p.add_argument(
         "--batch-size", type=int, default=512, metavar="B", help="images per step (default: 512)"

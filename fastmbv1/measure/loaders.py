@@ -1,4 +1,6 @@
-"""``fastmbv1 bench loaders``: the images/s each data pipeline delivers alone, no model."""
+"""``fastmbv1 bench loaders``: the images/s each data pipeline delivers alone, no model, and
+the host time the caller's thread spends per batch handed over (on a GPU, where a step is
+launch-bound, that time is taken from launching the step)."""
 
 from __future__ import annotations
 
@@ -31,10 +33,19 @@ def measure_loader(
         name, images, labels, batch_size=batch_size, train=True, device=device, seed=0, **options
     )
     total = torch.zeros((), device=device)
-    count = 0
+    count = batches = 0
+    host = 0.0  # seconds the caller spent inside the pipeline, waiting for a batch
     start = time.perf_counter()
     for _ in range(epochs):
-        for x, _y in pipeline:
+        it = iter(pipeline)
+        while True:
+            t = time.perf_counter()
+            batch = next(it, None)
+            host += time.perf_counter() - t
+            if batch is None:
+                break
+            x, _y = batch
+            batches += 1
             if device.type == "cuda":
                 # A reduction on the device makes every batch exist there, however
                 # asynchronous the pipeline is; .item() below waits for the last one.
@@ -54,6 +65,8 @@ def measure_loader(
         "images": count,
         "seconds": seconds,
         "images_per_s": count / seconds,
+        "host_ms_per_batch": 1000 * host / max(batches, 1),
+        "chunk": getattr(pipeline, "chunk", None),  # DALI's batches per run
         **options,
     }
 
@@ -84,10 +97,12 @@ def bench_loaders(args: argparse.Namespace, device) -> Table:
     columns = [
         Column("pipeline", "pipeline", 11),
         Column("workers", "num_workers", 7, "d"),
+        Column("chunk", "chunk", 5, "d"),
         Column("batch", "batch_size", 5, "d"),
         Column("images", "images", 7, "d"),
         Column("seconds", "seconds", 8, ".2f"),
         Column("images/s", "images_per_s", 10, ",.0f"),
+        Column("host ms/batch", "host_ms_per_batch", 13, ".3f"),
         Column("note", "note"),
     ]
     return Table(columns, rows())

@@ -29,7 +29,12 @@ def scaled(c: int, width: float) -> int:
 
 
 class Normalize(nn.Module):
-    """(x - mean) / std with the statistics as buffers, so they travel in the state dict."""
+    """(x - mean) / std with the statistics as buffers, so they travel in the state dict.
+
+    The result keeps the batch's dtype: a bf16 batch minus the fp32 buffers would be
+    promoted to fp32, a tensor twice the size that autocast's first convolution then casts
+    back. Computed in fp32 and rounded once, it is the very bf16 tensor that cast made.
+    """
 
     def __init__(self, mean=CIFAR10_MEAN, std=CIFAR10_STD):
         super().__init__()
@@ -37,7 +42,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        return ((x - self.mean) / self.std).to(x.dtype)
 
 
 def conv_bn(
