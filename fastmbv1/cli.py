@@ -32,9 +32,11 @@ default) takes 'fast' on a CUDA GPU and 'cpu' otherwise; defaults shown as "fast
 differ between the two.
 """
 TUNE_DESCRIPTION = """\
-Let Optuna search training recipes for the shortest training time to --target-acc. Each
-trial is a fastmbv1 train run in OUT/trial-NNNN with --budget = --trial-budget and an
-evaluation every epoch; the trial table, best.toml and plots are written to --out.
+Let Optuna search training recipes for the shortest training time to --target-acc, or with
+--objective accuracy for the best test accuracy after --epochs N (a score that the machine's
+speed that minute does not change). Each trial is a fastmbv1 train run in OUT/trial-NNNN
+with --budget = --trial-budget and an evaluation every epoch; the trial table, best.toml
+and plots are written to --out.
 
 Every fastmbv1 train flag fixes that setting for all trials, over the space's [fixed] table
 and --config; a flag for a field the space searches is an error. --budget and --eval-every
@@ -224,7 +226,8 @@ def build_parser() -> Parser:
         "tune",
         help="search recipes for the shortest time to an accuracy (Optuna)",
         description=TUNE_DESCRIPTION,
-        usage="fastmbv1 tune --target-acc A --trial-budget S --trials N [options]",
+        usage="fastmbv1 tune (--target-acc A | --objective accuracy --epochs N) "
+        "--trial-budget S --trials N [options]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -234,6 +237,13 @@ def build_parser() -> Parser:
         "--trials", type=count, required=True, metavar="N", help="finished trials the study needs"
     )
     p.add_argument("--space", metavar="FILE", help="TOML search space (default: built in)")
+    p.add_argument(
+        "--objective",
+        choices=("time", "accuracy"),
+        default="time",
+        help="time: training seconds to --target-acc (default); accuracy: the test accuracy "
+        "after --epochs, which the machine's speed that minute does not change",
+    )
     p.add_argument("--study", default="fastmbv1", metavar="NAME", help="study name in the storage")
     p.add_argument(
         "--storage", metavar="URL", help="SQLAlchemy URL (default: sqlite:///OUT/tune.db)"

@@ -57,6 +57,18 @@ class TrainConfig:
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "Nesterov momentum")
     weight_decay: float = opt(5e-4, "L2 weight decay")
+    bn_decay: bool = opt(
+        True, "weight decay on batch-norm weights and biases and the classifier's bias too"
+    )
+    bias_lr: float = opt(
+        1.0,
+        "learning-rate multiplier for the batch-norm and classifier biases; their weight "
+        "decay is divided by it, so their decay per step stays the same (airbench's bias "
+        "scaler)",
+    )
+    bn_momentum: float = opt(
+        0.1, "batch-norm running statistics: weight of each new batch (torch's convention)"
+    )
     label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy")
     schedule: str = opt(
         "onecycle", "learning-rate schedule", choices=("onecycle", "constant", "exponential")
@@ -66,6 +78,11 @@ class TrainConfig:
     mixup: float = opt(0.0, "mixup alpha (0: off)")
     cutmix: float = opt(0.0, "cutmix alpha (0: off)")
     cutout: int = opt(0, "cutout square side in pixels (0: off)")
+    alt_flip: bool = opt(
+        False,
+        "flip a random half of the images in even epochs and the other half in odd ones "
+        "(airbench's alternating flip) instead of a coin per image and epoch",
+    )
     start_side: int = opt(
         32,
         "progressive resizing: train on images this many pixels wide at first, growing "
@@ -90,6 +107,19 @@ class TrainConfig:
         0.0, "decay per step of an average of the weights that is evaluated and saved (0: off)"
     )
     tta: bool = opt(True, "evaluate and save the model averaging each image with its mirror")
+    tta_translate: bool = opt(
+        False,
+        "with --tta, also average the image moved one pixel up-left and one down-right, each "
+        "with its mirror (airbench's six views; the image and its mirror weigh half)",
+    )
+    whiten: bool = opt(
+        False,
+        "initialise the stem from the training images' 3x3 patch whitening (half its "
+        "channels the top eigenvectors, half their negatives), fitted at start",
+    )
+    dirac: bool = opt(
+        False, "initialise each pointwise conv as the identity where its shape allows"
+    )
     budget: float = opt(3600.0, "wall-clock seconds for the whole run, compile and eval included")
     target_acc: float | None = opt(None, "stop once the test accuracy reaches this (percent)")
     eval_every: int | None = opt(
@@ -123,7 +153,7 @@ class TrainConfig:
             self.model in MODELS,
             f"unknown model {self.model!r}; choose from {', '.join(sorted(MODELS))}",
         )
-        for name in ("width", "budget", "lr"):
+        for name in ("width", "budget", "lr", "bias_lr"):
             value = getattr(self, name)
             need(
                 (value is None and name == "width") or (math.isfinite(value) and value > 0),
@@ -147,6 +177,7 @@ class TrainConfig:
         need(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        need(0 < self.bn_momentum <= 1, f"--bn-momentum must be in (0, 1], got {self.bn_momentum}")
         need(
             0 <= self.label_smoothing < 1,
             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}",
@@ -169,6 +200,11 @@ class TrainConfig:
                 f"--{dash(f.name)} must be one of {', '.join(choices or ())}, got {value!r}",
             )
         return self
+
+    @property
+    def eval_views(self) -> int:
+        """Images the saved model looks at per test image: itself, its mirror, the shifts."""
+        return 1 if not self.tta else 6 if self.tta_translate else 2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

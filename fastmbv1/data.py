@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -41,15 +43,23 @@ def recipe_pipeline(
         dtype=batch_dtype(cfg.amp),
         rank=world.rank,
         world_size=world.size,
+        alternate_flips=cfg.alt_flip,
         **pipeline_options(cfg),
     )
 
 
-def run_pipelines(
-    cfg: TrainConfig, device: torch.device, world: World
-) -> tuple[Pipeline, Pipeline, int]:
-    """This rank's training and test pipelines (``train_limit``/``test_limit`` applied), and
-    the number of test images over all ranks."""
+@dataclass
+class RunData:
+    """What a run trains and evaluates on, as this rank sees it."""
+
+    train: Pipeline  # this rank's training batches
+    test: Pipeline  # this rank's share of the test set
+    n_test: int  # test images over all ranks
+    images: np.ndarray  # the training images (all ranks'), for a data-dependent init
+
+
+def run_pipelines(cfg: TrainConfig, device: torch.device, world: World) -> RunData:
+    """This rank's training and test pipelines (``train_limit``/``test_limit`` applied)."""
     cifar = load_cifar10(cfg.data)
     train = recipe_pipeline(
         cfg,
@@ -71,4 +81,5 @@ def run_pipelines(
         batch_size=cfg.eval_batch_size,
         world=world,
     )
-    return train, test, len(cifar.test_labels[: cfg.test_limit])
+    n_test = len(cifar.test_labels[: cfg.test_limit])
+    return RunData(train, test, n_test, cifar.train_images[: cfg.train_limit])

@@ -27,12 +27,12 @@ from fastmbv1 import config
 from fastmbv1.clock import SAVE_RESERVE_S
 from fastmbv1.compile_cache import read_record, setting_key
 from fastmbv1.config import WIDTHS, TrainConfig, narrowest
-from fastmbv1.data import run_pipelines
+from fastmbv1.data import RunData, run_pipelines
 from fastmbv1.distributed import World, split_batch
 from fastmbv1.errors import UserError
 from fastmbv1.step import compile_problem
 from fastmbv1.timing import measure_step
-from pipelines import Pipeline, default_pipeline, unavailable
+from pipelines import default_pipeline, unavailable
 
 # Besides the steps, an epoch waits for data and evaluates now and then: a few percent.
 EPOCH_OVERHEAD = 0.05
@@ -161,7 +161,7 @@ def fit_epochs(
         # speed and the time the latest one has used, and all compute the same from those.
         slowest, used = world.max_over_ranks(-speed, time.perf_counter() - start)
         speed = -slowest * world.size
-        final_eval = n_test * EVAL_COST * (2 if cfg.tta else 1) / speed
+        final_eval = n_test * EVAL_COST * cfg.eval_views / speed
         epoch_s = steps * cfg.batch_size / speed * (1 + EPOCH_OVERHEAD)
         left_s = cfg.budget - used
         fits = (left_s - final_eval - SAVE_RESERVE_S) / epoch_s
@@ -188,9 +188,7 @@ class Plan:
 
     cfg: TrainConfig
     why: dict[str, str]
-    train: Pipeline  # this rank's training batches
-    test: Pipeline  # this rank's share of the test set
-    n_test: int  # test images over all ranks
+    data: RunData
 
 
 def compile_pays(
@@ -247,10 +245,10 @@ def plan_run(cfg: TrainConfig, device: torch.device, world: World, start: float)
     before the run writes anything."""
     compile_left_open = cfg.compile is None
     cfg, why = resolve(cfg, device, world)
-    train, test, n_test = run_pipelines(cfg, device, world)
+    data = run_pipelines(cfg, device, world)
     if compile_left_open and cfg.compile and device.type == "cuda":
-        cfg, why["compile"] = compile_by_budget(cfg, device, world, start, len(train))
+        cfg, why["compile"] = compile_by_budget(cfg, device, world, start, len(data.train))
     if cfg.epochs is None:  # as many as fit into the budget at the speed measured now
-        cfg, fitted = fit_epochs(cfg, device, world, start, len(train), n_test)
+        cfg, fitted = fit_epochs(cfg, device, world, start, len(data.train), data.n_test)
         why.update(fitted)
-    return Plan(cfg, why, train, test, n_test)
+    return Plan(cfg, why, data)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
@@ -33,6 +34,7 @@ from fastmbv1.ema import WeightAverage
 from fastmbv1.errors import one_line
 from fastmbv1.evaluate import autocast
 from fastmbv1.models import build_model
+from fastmbv1.models.init import dirac_pointwise, whiten_stem
 
 # torch.compile's backend; the tests swap in "eager", which compiles in moments.
 COMPILE_BACKEND = "inductor"
@@ -82,16 +84,34 @@ def build_run(
     model: nn.Module | None = None,
     name: str | None = None,
     kwargs: dict | None = None,
+    images: np.ndarray | None = None,
 ) -> Run:
     """Everything a step of ``cfg`` needs on ``device``: a fresh model of ``cfg``, or the given
-    ``model`` (registered as ``name`` with ``kwargs``, as pruning and resume give one)."""
+    ``model`` (registered as ``name`` with ``kwargs``, as pruning and resume give one).
+
+    ``images``: training images for ``cfg.whiten``'s stem; a bench that times the step
+    passes none, since the initial weights do not change its cost.
+    """
     world = world or World()
     if model is None:
         name = cfg.model
         # A width the budget has not chosen (a preset built without a run) is the narrowest.
         width = narrowest(cfg).width
-        kwargs = dict(width=width, normalize=cfg.normalize, dropout=cfg.dropout, tta=cfg.tta)
+        kwargs = dict(
+            width=width,
+            normalize=cfg.normalize,
+            dropout=cfg.dropout,
+            tta=cfg.tta,
+            tta_translate=cfg.tta_translate,
+        )
         model = build_model(name, **kwargs)
+        if cfg.whiten and images is not None:
+            whiten_stem(model, images)
+        if cfg.dirac:
+            dirac_pointwise(model)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = cfg.bn_momentum
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).train()
     # Fixed shapes every step: let cuDNN pick its fastest depthwise/pointwise kernels once.
@@ -115,7 +135,7 @@ def build_run(
         ids = [device.index] if device.index is not None else None
         model_for_step = DistributedDataParallel(model_for_step, device_ids=ids)
     optimizer = torch.optim.SGD(
-        model.parameters(),
+        param_groups(model, cfg),
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov,
@@ -145,12 +165,27 @@ def build_run(
     return run
 
 
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The optimiser's groups: the conv and linear weights; the batch-norm weights; the
+    biases (batch-norm and classifier), at ``--bias-lr`` times the learning rate with their
+    weight decay divided by as much. ``--no-bn-decay`` takes the decay off the last two."""
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = cfg.weight_decay if cfg.bn_decay else 0.0
+    return [
+        {"params": [p for _, p in trained if p.ndim > 1], "lr_scale": 1.0},
+        {"params": [p for n, p in trained if p.ndim == 1 and not n.endswith("bias")],
+         "lr_scale": 1.0, "weight_decay": decay},
+        {"params": [p for n, p in trained if p.ndim == 1 and n.endswith("bias")],
+         "lr_scale": cfg.bias_lr, "weight_decay": decay / cfg.bias_lr},
+    ]  # fmt: skip
+
+
 def set_lr(run: Run, lr: float) -> None:
-    if run.graphs is not None:  # in place: a captured step reads it on the device
-        run.graphs.lr.fill_(lr)
-        return
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    for i, group in enumerate(run.optimizer.param_groups):
+        if run.graphs is not None:  # in place: a captured step reads it on the device
+            run.graphs.lrs[i].fill_(lr * group["lr_scale"])
+        else:
+            group["lr"] = lr * group["lr_scale"]
 
 
 def train_step(
@@ -219,7 +254,10 @@ class StepGraphs:
             raise ValueError("CUDA graphs do not capture the fp16 grad scaler's host state")
         self.run = run
         self.stream = torch.cuda.Stream(run.device)  # warm-up and capture, one stream
-        self.lr = torch.tensor(float(run.optimizer.param_groups[0]["lr"]), device=run.device)
+        # One learning rate per optimiser group (their --bias-lr scales differ).
+        self.lrs = [
+            torch.tensor(float(g["lr"]), device=run.device) for g in run.optimizer.param_groups
+        ]
         # Mixing recipes pass lambda as a device tensor; the others the constant 1.0, which
         # keeps their loss one cross-entropy rather than two.
         self.mixes = run.cfg.mixup > 0 or run.cfg.cutmix > 0
@@ -254,8 +292,8 @@ class StepGraphs:
     def on_stream(self, fn):
         """``fn()`` on the capture stream, ordered after and before the current stream."""
         self.stream.wait_stream(torch.cuda.current_stream(self.run.device))
-        for group in self.run.optimizer.param_groups:  # resume may have loaded floats
-            group["lr"] = self.lr
+        for group, lr in zip(self.run.optimizer.param_groups, self.lrs, strict=True):
+            group["lr"] = lr  # resume may have loaded floats
         with torch.cuda.stream(self.stream):
             out = fn()
         torch.cuda.current_stream(self.run.device).wait_stream(self.stream)

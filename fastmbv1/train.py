@@ -357,7 +357,7 @@ def train(
     world = distributed.init(pick_device(cfg.device))
     device = world.device(pick_device(cfg.device))
     plan = plan_run(cfg, device, world, start)  # the machine's decisions, checked before writing
-    cfg, train_pipe, test_pipe = plan.cfg, plan.train, plan.test
+    cfg, train_pipe, test_pipe = plan.cfg, plan.data.train, plan.data.test
     out = prepare_out(cfg, resume, overwrite, write=world.main)
     state = RunState.from_dict(latest_training_state(out)[0]) if resume else None
     totals = state.totals if state else Totals()
@@ -366,13 +366,14 @@ def train(
     seed_everything(cfg.seed)
     # Before building: compiled artifacts carried from another machine fill the cache first.
     compile_cache = CompileCache(cfg, device, split_batch(cfg.batch_size, world))
-    run = build_run(cfg, device, world, **starting_model(cfg, state, model, model_kwargs))
+    given = starting_model(cfg, state, model, model_kwargs)
+    run = build_run(cfg, device, world, images=plan.data.images, **given)
     if state is not None:
         state.restore(run)
     steps = len(train_pipe)
     flops_per_image = functools.cache(lambda side: training_flops_per_image(run.model, side))
     clock = BudgetClock(
-        cfg.budget, cfg.epochs * steps, eval_steps=plan.n_test / cfg.batch_size,
+        cfg.budget, cfg.epochs * steps, eval_steps=plan.data.n_test / cfg.batch_size,
         elapsed=totals.wall_s, start=start,
     )  # fmt: skip
 

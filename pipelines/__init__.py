@@ -76,10 +76,12 @@ def build_pipeline(
     drop_last: bool | None = None,
     rank: int = 0,
     world_size: int = 1,
+    alternate_flips: bool = False,
     **options,
 ) -> Pipeline:
-    """Build pipeline ``name``; ``drop_last`` defaults to ``train``; ``options`` are its own
-    (for example ``num_workers`` for torchvision)."""
+    """Build pipeline ``name``; ``drop_last`` defaults to ``train``; ``alternate_flips``: see
+    ``pipelines.sampling.shifts_and_flips``; ``options`` are its own (for example
+    ``num_workers`` for torchvision)."""
     device = torch.device(device)
     reason = unavailable(name, device)
     if reason is not None:
@@ -111,5 +113,6 @@ def build_pipeline(
         drop_last=train if drop_last is None else drop_last,
         rank=rank,
         world_size=world_size,
+        alternate_flips=alternate_flips,
         **options,
     )

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fastmbv1.errors import UserError
-from pipelines.sampling import PipelineBase, shifts_and_flips
+from pipelines.sampling import PipelineBase
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -180,7 +180,7 @@ class DaliPipeline(PipelineBase):
         image_order = on_device if self.device.type == "cuda" else order
         maps = None
         if self.train:
-            maps = affine_maps(*shifts_and_flips(self.n, seed=self.seed, epoch=epoch))
+            maps = affine_maps(*self.shifts_and_flips(epoch))
         step = self.batch_size * self.chunk
         chunks = [slice(s, s + step) for s in range(0, len(order), step)]
 

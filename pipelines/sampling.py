@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 MAX_SHIFT = 4  # Pad(4) + RandomCrop(32): shifts of -4..4 on each axis
-ORDER, AUGMENT = 0, 1  # generator streams, so the order never depends on the augmentation
+# Generator streams, so the order never depends on the augmentation, nor the shifts on
+# whether flips alternate.
+ORDER, AUGMENT, FLIPS = 0, 1, 2
 
 
 def rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
@@ -45,16 +47,23 @@ def epoch_indices(
     return mine
 
 
-def shifts_and_flips(n: int, *, seed: int, epoch: int) -> tuple[np.ndarray, ...]:
+def shifts_and_flips(
+    n: int, *, seed: int, epoch: int, alternate: bool = False
+) -> tuple[np.ndarray, ...]:
     """Shifts dy, dx in -4..4 and a flip flag for each of the ``n`` samples, by sample index.
 
     Drawn by index rather than by position in the order, so a sample's augmentation in an
-    epoch is the same whatever rank or batch it lands in.
+    epoch is the same whatever rank or batch it lands in. With ``alternate`` (airbench's
+    alternating flip) a random half is flipped in even epochs and the other half in odd
+    ones, so any two epochs in a row show every image both ways, where independent coin
+    flips show a quarter of them only one way.
     """
     g = rng(seed, epoch, AUGMENT)
     dy = g.integers(-MAX_SHIFT, MAX_SHIFT + 1, n)
     dx = g.integers(-MAX_SHIFT, MAX_SHIFT + 1, n)
     flip = g.integers(0, 2, n).astype(bool)
+    if alternate:
+        flip = rng(seed, 0, FLIPS).integers(0, 2, n).astype(bool) ^ bool(epoch % 2)
     return dy, dx, flip
 
 
@@ -77,10 +86,12 @@ class PipelineBase:
         drop_last: bool,
         rank: int,
         world_size: int,
+        alternate_flips: bool,
     ) -> None:
         self.n, self.batch_size, self.train, self.device = n, batch_size, train, device
         self.seed, self.dtype, self.drop_last = seed, dtype, drop_last
         self.rank, self.world_size = rank, world_size
+        self.alternate_flips = alternate_flips
         self.epoch = 0
 
     def indices(self, epoch: int) -> np.ndarray:
@@ -94,6 +105,10 @@ class PipelineBase:
             rank=self.rank,
             world_size=self.world_size,
         )
+
+    def shifts_and_flips(self, epoch: int) -> tuple[np.ndarray, ...]:
+        """Every sample's shift and flip in ``epoch``, by sample index."""
+        return shifts_and_flips(self.n, seed=self.seed, epoch=epoch, alternate=self.alternate_flips)
 
     def __len__(self) -> int:
         return -(-len(self.indices(0)) // self.batch_size)

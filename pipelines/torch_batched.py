@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.sampling import MAX_SHIFT, PipelineBase, shifts_and_flips
+from pipelines.sampling import MAX_SHIFT, PipelineBase
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -42,8 +42,7 @@ class TorchPipeline(PipelineBase):
         order = torch.as_tensor(self.indices(epoch), device=self.device)
         if self.train:
             dy, dx, flip = (
-                torch.as_tensor(a, device=self.device)
-                for a in shifts_and_flips(self.n, seed=self.seed, epoch=epoch)
+                torch.as_tensor(a, device=self.device) for a in self.shifts_and_flips(epoch)
             )
             # Row r of the output reads padded row r + 4 - dy; column c reads c + 4 - dx,
             # mirrored (31 - c) first when flipped: the same as Pad(4), crop, then flip.

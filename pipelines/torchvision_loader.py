@@ -1,9 +1,11 @@
 """The original project's loader: PIL transforms per image through a torch DataLoader.
 
 Kept as the baseline the other pipelines are measured against, so it does what the original
-did: ``Pad(4)``, ``RandomHorizontalFlip()``, ``RandomCrop(32)``, ``ToTensor()`` on one PIL
-image at a time, in ``num_workers`` processes (0 by default, as the original). Its random
-draws are torchvision's own, not ``pipelines.sampling``'s; only the visiting order is shared.
+did, at the original's cost: ``Pad(4)``, a 32x32 crop, a horizontal flip and ``ToTensor()``
+on one PIL image at a time, in ``num_workers`` processes (0 by default, as the original).
+Where to crop and whether to flip come from the epoch's plan (``pipelines.sampling``), as in
+the other pipelines, so all three hand over the same batches; the original drew both at
+random per image, with the same distribution.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import VisionDataset
+from torchvision.transforms import functional as TF
 
 from fastmbv1.errors import UserError
-from pipelines.sampling import PipelineBase, rng
-
-TRANSFORMS = 2  # generator stream beside sampling.ORDER and sampling.AUGMENT
+from pipelines.sampling import MAX_SHIFT, PipelineBase
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -32,25 +33,29 @@ def unavailable(device: torch.device) -> str | None:
 class ArrayDataset(VisionDataset):
     """CIFAR-10 as ``torchvision.datasets.CIFAR10`` serves it, from arrays in memory.
 
-    Each sample's transforms run on torch's generator seeded with that sample's own seed for
-    the epoch, so an epoch is the same whatever the number of workers or the order in which
-    they finish, and the caller's global generator is left as it was.
+    ``plan`` holds each sample's shift (dy, dx) and flip for the epoch, or None for plain
+    images; every worker gets a fresh copy of it when an epoch's loader starts.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
-        super().__init__(root=None, transform=transform)
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        super().__init__(root=None)
         self.images, self.labels = images, labels
-        self.seeds = np.zeros(len(images), dtype=np.int64)
+        self.pad = transforms.Pad(MAX_SHIFT)
+        self.plan: tuple[np.ndarray, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         img = Image.fromarray(self.images[index])
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(int(self.seeds[index]))
-            img = self.transform(img)
-        return img, int(self.labels[index])
+        if self.plan is not None:
+            dy, dx, flip = (a[index] for a in self.plan)
+            # Output row r is padded row r + 4 - dy (the same convention as the torch
+            # pipeline's gather), then the crop is mirrored where the plan says so.
+            img = TF.crop(self.pad(img), MAX_SHIFT - int(dy), MAX_SHIFT - int(dx), 32, 32)
+            if flip:
+                img = TF.hflip(img)
+        return TF.to_tensor(img), int(self.labels[index])
 
 
 class TorchvisionPipeline(PipelineBase):
@@ -65,25 +70,12 @@ class TorchvisionPipeline(PipelineBase):
     ) -> None:
         super().__init__(len(images), **settings)
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        train = self.train
-        if train:
-            transform = transforms.Compose(
-                [
-                    transforms.Pad(4),
-                    transforms.RandomHorizontalFlip(),
-                    transforms.RandomCrop(32),
-                    transforms.ToTensor(),
-                ]
-            )
-        else:
-            transform = transforms.ToTensor()
-        self.dataset = ArrayDataset(np.asarray(images), np.asarray(labels), transform)
+        self.dataset = ArrayDataset(np.asarray(images), np.asarray(labels))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.next_epoch()
         # Set before the loader starts: each epoch's workers get a fresh copy of the dataset.
-        draws = rng(self.seed, epoch, TRANSFORMS)
-        self.dataset.seeds = draws.integers(2**63 - 1, size=len(self.dataset))
+        self.dataset.plan = self.shifts_and_flips(epoch) if self.train else None
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -92,7 +84,7 @@ class TorchvisionPipeline(PipelineBase):
             pin_memory=self.pin_memory,
             # Its own generator: the loader draws a seed for its workers every epoch, which
             # would otherwise come from (and move) the caller's global one.
-            generator=torch.Generator().manual_seed(int(draws.integers(2**63 - 1))),
+            generator=torch.Generator().manual_seed(epoch),
         )
         for x, y in loader:
             x = x.to(self.device, non_blocking=self.pin_memory)

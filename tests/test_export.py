@@ -7,17 +7,23 @@ from fastmbv1.cli import main
 from fastmbv1.models import build_model
 
 
-# The shipped model (mobilenet_v1, flip TTA on by default) and the original custom one; with
-# test-time flips inside the model, the exported graph must average them too.
+# The shipped model (mobilenet_v1, flip TTA on by default), with the 6-view TTA, and the
+# original custom one; with test-time views inside the model (the mirror; the mirror and two
+# shifts), the exported graph must average them too.
 @pytest.fixture(
     scope="module",
-    params=[("mobilenet_v1", True), ("custom_mobilenet", False), ("custom_mobilenet", True)],
-    ids=["mobilenet_v1-tta", "custom-plain", "custom-tta"],
+    params=[
+        ("mobilenet_v1", {"tta": True}),
+        ("mobilenet_v1", {"tta": True, "tta_translate": True}),
+        ("custom_mobilenet", {"tta": False}),
+        ("custom_mobilenet", {"tta": True}),
+    ],
+    ids=["mobilenet_v1-tta", "mobilenet_v1-tta-6-views", "custom-plain", "custom-tta"],
 )
 def saved(tmp_path_factory, request) -> tuple:
     """A model file whose BN statistics come from data, so the logits have a sane scale."""
-    name, tta = request.param
-    kwargs = {"width": 0.25, "tta": tta}
+    name, views = request.param
+    kwargs = {"width": 0.25, **views}
     model = with_data_statistics(build_model(name, **kwargs))
     path = tmp_path_factory.mktemp("export") / "final.pt"
     save_model(path, model, name, kwargs)

@@ -89,10 +89,35 @@ def train_epoch(data):
 def test_every_output_is_its_source_shifted_and_maybe_flipped(name, train_epoch):
     _, y, (dy, dx, flip) = train_epoch(name)
     assert (np.abs(dy) <= MAX_SHIFT).all() and (np.abs(dx) <= MAX_SHIFT).all()
-    if name != "torchvision":  # it draws from torchvision's transforms, not the shared plan
-        plan = shifts_and_flips(N, seed=7, epoch=0)
-        for drawn, planned in zip((dy, dx, flip), plan, strict=True):
-            np.testing.assert_array_equal(drawn, planned[y.numpy()].astype(int))
+    plan = shifts_and_flips(N, seed=7, epoch=0)
+    for drawn, planned in zip((dy, dx, flip), plan, strict=True):
+        np.testing.assert_array_equal(drawn, planned[y.numpy()].astype(int))
+
+
+@pytest.mark.parametrize("alternate", [False, True], ids=["random-flips", "alternating-flips"])
+def test_every_pipeline_hands_over_the_same_batches(data, alternate):
+    images, labels = data[0][:1000], data[1][:1000]
+    batches = {}
+    for name in (n for n in MODULES if unavailable(n, "cpu") is None):
+        pipeline = build(name, images, labels, batch_size=256, alternate_flips=alternate)
+        pipeline.epoch = 3
+        batches[name] = epoch(pipeline)
+    x_ref, y_ref = batches["torch"]
+    for name, (x, y) in batches.items():
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref), f"{name} differs from torch"
+
+
+def test_alternating_flips_show_every_image_both_ways_in_any_two_epochs():
+    plans = [shifts_and_flips(N, seed=7, epoch=e, alternate=True) for e in range(4)]
+    assert abs(plans[0][2].mean() - 0.5) < 0.05
+    for before, after in zip(plans, plans[1:], strict=False):
+        assert (before[2] ^ after[2]).all()
+    for e, plan in enumerate(plans):  # the shifts are those of random flips
+        random = shifts_and_flips(N, seed=7, epoch=e)
+        np.testing.assert_array_equal(plan[0], random[0])
+        np.testing.assert_array_equal(plan[1], random[1])
+    coins = [shifts_and_flips(N, seed=7, epoch=e)[2] for e in range(2)]
+    assert 0.4 < (coins[0] ^ coins[1]).mean() < 0.6
 
 
 @pytest.mark.parametrize("name", NAMES)

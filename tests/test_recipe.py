@@ -5,6 +5,7 @@ that is the saved model's own."""
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import independent_score, tiny_batches, tiny_config, write_archive
@@ -165,11 +166,14 @@ def test_evaluations_stay_within_two_percent_of_the_time_and_the_last_is_always_
     assert end_of_epoch(epoch, cfg, totals, clock, World(), Signals()) == ("epochs", True)
 
 
-def test_the_reported_accuracy_is_the_saved_models(tmp_path, data):
-    cfg = tiny_config(tmp_path, data, epochs=3, ema=0.9, tta=True, checkpoint_every=1)
+@pytest.mark.parametrize("views", [2, 6], ids=["mirror", "mirror-and-shifts"])
+def test_the_reported_accuracy_is_the_saved_models(tmp_path, data, views):
+    cfg = tiny_config(
+        tmp_path, data, epochs=3, ema=0.9, tta=True, tta_translate=views == 6, checkpoint_every=1
+    )
     summary = train(cfg).summary
     final = tmp_path / "run" / "final.pt"
-    assert fastmbv1.load(final).tta
+    assert fastmbv1.load(final).tta and fastmbv1.load(final).tta_translate == (views == 6)
     # Scored apart from the trainer (pickle and fastmbv1.load, none of its data or evaluation
     # code; the real-data run in test_train.py is where a difference would show), and as
     # `fastmbv1 eval` scores it.
@@ -194,6 +198,87 @@ def test_tta_averages_an_image_and_its_mirror_in_eval_mode_only():
         torch.testing.assert_close(model(x), (plain + mirrored) / 2)
         torch.testing.assert_close(model(x.flip(3)), model(x))  # a mirror gets the same answer
     assert model.train()(x).shape == (4, 10)  # training sees single images
+
+
+def test_six_view_tta_weighs_the_image_and_its_mirror_half():
+    from fastmbv1.models import build_model
+
+    model = build_model("mobilenet_v1", width=0.25, tta=True, tta_translate=True).eval()
+    x = torch.rand(4, 3, 32, 32)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    views = [x, padded[:, :, :32, :32], padded[:, :, 2:, 2:]]
+    with torch.no_grad():
+        pairs = [(model.logits(v) + model.logits(v.flip(3))) / 2 for v in views]
+        torch.testing.assert_close(model(x), pairs[0] / 2 + (pairs[1] + pairs[2]) / 4)
+    assert model.train()(x).shape == (4, 10)
+
+
+def test_optimiser_groups_give_biases_their_own_lr_and_norms_their_own_decay():
+    from fastmbv1.step import build_run, set_lr
+
+    cfg = make_config({"preset": "cpu", "width": 0.25, "bias_lr": 16.0, "weight_decay": 4e-4})
+    run = build_run(cfg, torch.device("cpu"))
+    weights, norms, biases = run.optimizer.param_groups
+    model = run.model
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {id(p) for p in weights["params"]} == {id(p) for p in model.parameters() if p.ndim > 1}
+    assert {id(p) for p in norms["params"]} == {id(m.weight) for m in bn}
+    assert {id(p) for p in biases["params"]} == {id(m.bias) for m in bn} | {
+        id(model.classifier.bias)
+    }
+    set_lr(run, 0.1)
+    assert weights["lr"] == norms["lr"] == 0.1 and biases["lr"] == pytest.approx(1.6)
+    # The same decay per step: lr * weight_decay is equal in every group.
+    assert weights["weight_decay"] == norms["weight_decay"] == 4e-4
+    assert biases["weight_decay"] == pytest.approx(2.5e-5)
+    cfg = make_config({"preset": "cpu", "width": 0.25, "bn_decay": False})
+    groups = build_run(cfg, torch.device("cpu")).optimizer.param_groups
+    assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0
+    assert groups[2]["weight_decay"] == 0.0
+
+
+def test_bn_momentum_reaches_every_batch_norm():
+    from fastmbv1.step import build_run
+
+    cfg = make_config({"preset": "cpu", "width": 0.25, "bn_momentum": 0.4})
+    norms = [m for m in build_run(cfg, torch.device("cpu")).model.modules()
+             if isinstance(m, torch.nn.BatchNorm2d)]  # fmt: skip
+    assert norms and all(m.momentum == 0.4 for m in norms)
+
+
+def test_the_whitened_stem_is_deterministic_and_whitens_the_patches():
+    from fastmbv1.models.init import whiten_stem
+    from fastmbv1.step import build_run
+
+    images = np.random.default_rng(3).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    images[:, :, 16:] //= 2  # some structure, so the components differ
+    cfg = make_config({"preset": "cpu", "width": 0.25, "whiten": True})
+    stems = [build_run(cfg, torch.device("cpu"), images=images).model.stem[0].weight
+             for _ in range(2)]  # fmt: skip
+    torch.manual_seed(0)  # the default init draws from the seed; whitening does not
+    plain = build_run(replace(cfg, whiten=False), torch.device("cpu")).model.stem[0].weight
+    assert torch.equal(stems[0], stems[1]) and not torch.equal(stems[0], plain)
+    w = stems[0].detach().flatten(1)  # 8 filters: 4 components and their negatives
+    torch.testing.assert_close(w[4:], -w[:4])
+    # Through the top filters the patches come out uncorrelated, each of variance about 1.
+    model = build_run(cfg, torch.device("cpu"), images=images).model
+    x = model.normalize(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    patches = torch.nn.functional.unfold(x, 3).transpose(1, 2).flatten(0, 1)
+    out = patches @ w[:4].T
+    cov = out.T @ out / len(out)
+    torch.testing.assert_close(cov, torch.eye(4), atol=0.02, rtol=0.02)
+    whiten_stem(model, images[:100])  # other images, other filters
+    assert not torch.equal(model.stem[0].weight, stems[0])
+
+
+def test_dirac_makes_each_pointwise_conv_the_identity_where_it_can():
+    from fastmbv1.step import build_run
+
+    cfg = make_config({"preset": "cpu", "width": 0.25, "dirac": True})
+    for block in build_run(cfg, torch.device("cpu")).model.blocks:
+        w = block.pointwise[0].weight[:, :, 0, 0]
+        n = min(w.shape)
+        torch.testing.assert_close(w[:n], torch.eye(*w.shape)[:n])
 
 
 def test_a_resumed_run_keeps_the_reasons_for_its_fitted_recipe(tmp_path, data, monkeypatch):

@@ -109,6 +109,42 @@ def test_study_writes_best_config_tables_and_plots(tmp_path, inputs, capsys, mon
     assert "use another --study" in capsys.readouterr().err
 
 
+def test_the_accuracy_objective_scores_the_final_accuracy_of_fixed_epochs(tmp_path, inputs, capsys):
+    args = tune_args(tmp_path, *inputs)
+    i = args.index("--target-acc")
+    args[i : i + 2] = ["--objective", "accuracy", "--epochs", "2"]
+    args[args.index("--trial-budget") + 1] = "60"
+    args[args.index("--trials") + 1] = "2"
+    assert main(args) == 0
+    out, study = tmp_path / "out", load(tmp_path)
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        summary = json.loads((out / f"trial-{trial.number:04d}" / "summary.json").read_text())
+        assert summary["epochs_done"] == 2 and summary["stopped_by"] == "epochs"
+        assert trial.value == pytest.approx(100.0 - summary["final_test_acc"])
+    best = study.best_trial
+    assert f"{100 - best.value:.2f} % after 2 epochs" in (out / "best.toml").read_text()
+    # A time study's flags cannot reuse the study, and the objective needs its epochs.
+    assert main(tune_args(tmp_path, *inputs)) == 2
+    assert "--objective accuracy --epochs 2" in capsys.readouterr().err
+    i = args.index("--epochs")
+    del args[i : i + 2]
+    args[args.index("--out") + 1] = str(tmp_path / "other")
+    space = (tmp_path / "space.toml").read_text().replace("epochs = 30\n", "")
+    (tmp_path / "space.toml").write_text(space)
+    assert main(args) == 2
+    assert "give --epochs N" in capsys.readouterr().err
+
+
+def test_an_accuracy_trial_its_budget_cuts_short_fails(tmp_path, inputs):
+    args = tune_args(tmp_path, *inputs)
+    i = args.index("--target-acc")
+    args[i : i + 2] = ["--objective", "accuracy", "--epochs", "30"]
+    args[args.index("--trials") + 1] = "1"
+    assert main(args) == 0
+    (trial,) = load(tmp_path).trials
+    assert trial.state == TrialState.FAIL
+
+
 def test_killed_tuner_continues_the_same_study(tmp_path, inputs):
     args = tune_args(tmp_path, *inputs)
     proc = subprocess.Popen(

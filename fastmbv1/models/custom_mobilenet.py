@@ -58,6 +58,7 @@ class CustomMobileNet(Classifier):
         dropout: float = 0.5,
         channels: list[int] | None = None,
         tta: bool = False,
+        tta_translate: bool = False,
     ):
         if channels is None:
             channels = [scaled(c, width) for c in BASE_CHANNELS]
@@ -72,7 +73,9 @@ class CustomMobileNet(Classifier):
                 )
             )
         )
-        super().__init__(stem, blocks, channels[-1], num_classes, normalize, dropout, tta)
+        super().__init__(
+            stem, blocks, channels[-1], num_classes, normalize, dropout, tta, tta_translate
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:

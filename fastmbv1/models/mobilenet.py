@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fastmbv1.models.registry import register_model
 
@@ -72,8 +73,11 @@ class Classifier(nn.Module):
     """Normalise, stem, blocks, then the pooled features to class logits.
 
     With ``tta`` the model in eval mode answers with the mean of its logits for each image
-    and its mirror image (test-time augmentation, one batch of twice the size); training
-    always sees single images. Being part of the model, it is saved, loaded and exported.
+    and its mirror image (test-time augmentation, one batch of twice the size); with
+    ``tta_translate`` as well, half of the answer is that mean and the other half the mean
+    over the image moved one pixel up-left and one down-right (border reflected), each with
+    its mirror: airbench's six views, in one batch of six times the size. Training always
+    sees single images. Being part of the model, the views are saved, loaded and exported.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class Classifier(nn.Module):
         normalize: bool,
         dropout: float,
         tta: bool,
+        tta_translate: bool = False,
     ):
         super().__init__()
         self.normalize = Normalize() if normalize else nn.Identity()
@@ -92,17 +97,23 @@ class Classifier(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Linear(features, num_classes)
-        self.tta = tta
+        self.tta, self.tta_translate = tta, tta and tta_translate
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(self.normalize(x)))
         return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tta and not self.training:
-            # No batch size in the arithmetic, so an exported graph keeps its dynamic batch.
+        if not self.tta or self.training:
+            return self.logits(x)
+        # No batch size in the arithmetic, so an exported graph keeps its dynamic batch.
+        if not self.tta_translate:
             return self.logits(torch.cat([x, x.flip(3)])).unflatten(0, (2, -1)).mean(0)
-        return self.logits(x)
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        views = torch.cat([x, padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]])
+        logits = self.logits(torch.cat([views, views.flip(3)])).unflatten(0, (2, 3, -1))
+        mirrored = logits.mean(0)  # (3, N, classes): the image, then its two shifts
+        return 0.5 * mirrored[0] + 0.25 * (mirrored[1] + mirrored[2])
 
 
 class MobileNetV1(Classifier):
@@ -114,6 +125,7 @@ class MobileNetV1(Classifier):
         dropout: float = 0.0,
         channels: list[int] | None = None,
         tta: bool = False,
+        tta_translate: bool = False,
     ):
         if channels is None:
             channels = [scaled(c, width) for c in [STEM] + [c for c, _ in BLOCKS]]
@@ -126,7 +138,9 @@ class MobileNetV1(Classifier):
                 for cin, cout, (_, stride) in zip(channels[:-1], channels[1:], BLOCKS, strict=True)
             )
         )
-        super().__init__(stem, blocks, channels[-1], num_classes, normalize, dropout, tta)
+        super().__init__(
+            stem, blocks, channels[-1], num_classes, normalize, dropout, tta, tta_translate
+        )
 
 
 @register_model

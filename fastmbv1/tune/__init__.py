@@ -51,12 +51,14 @@ def tune(
     study_name: str = "fastmbv1",
     storage: str | None = None,
     out: str = "runs/tune",
+    objective: str = "time",
 ) -> optuna.Study:
     """Run the study until it holds ``trials`` finished trials; write the reports to ``out``.
 
     ``overrides`` are config fields fixed for every trial, as ``fastmbv1 train``'s flags give
     them; their ``target_acc`` (or ``config_file``'s) is the study's target, their ``seed``
-    also seeds the sampler.
+    also seeds the sampler. ``objective``: "time" to the target, or "accuracy" after the
+    fixed ``epochs`` (see ``fastmbv1.tune.objective``).
     """
     for name, why in REFUSED_FLAGS.items():
         if name in overrides:
@@ -64,10 +66,20 @@ def tune(
     space = read_space(space_file) if space_file else Space({})
     settings = {**space.fixed, **overrides, "budget": trial_budget, "eval_every": 1}
     base = make_config(settings, config_file)
-    if base.target_acc is None:
+    accuracy = objective == "accuracy"
+    if accuracy and base.epochs is None:
+        raise UserError("--objective accuracy scores trials of fixed epochs: give --epochs N")
+    if accuracy and base.target_acc is not None:
+        raise UserError("--objective accuracy trains every trial for its epochs: no --target-acc")
+    if not accuracy and base.target_acc is None:
         raise UserError("fastmbv1 tune needs --target-acc: it searches for the fastest way there")
     if not space_file:
         space = default_space(base.device)
+        if accuracy:  # at fixed epochs the widest network always wins: search neither
+            kept = {n: d for n, d in space.params.items() if n not in ("epochs", "width")}
+            space = Space(kept, space.fixed)
+    if accuracy and "epochs" in space.params:
+        raise UserError("--objective accuracy: the space must not search epochs")
     where = f"space file {space_file}" if space_file else "default space"
     for name, value in overrides.items():
         if name in space.params:
@@ -81,7 +93,13 @@ def tune(
         raise UserError(f"--out {root} cannot be created ({e.strerror})") from None
     storage = storage or f"sqlite:///{(root / 'tune.db').as_posix()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(study_name, storage, base.target_acc, trial_budget, median_pruner())
+    if accuracy:
+        goal = {"objective": "accuracy", "epochs": base.epochs, "trial_budget": trial_budget}
+        pruner = median_pruner(steps=base.epochs)
+    else:
+        goal = {"target_acc": base.target_acc, "trial_budget": trial_budget}
+        pruner = median_pruner()
+    study = open_study(study_name, storage, goal, pruner)
     for n in fail_orphans(study):
         print(f"trial {n} was interrupted (its process is gone): marked failed", flush=True)
 
@@ -95,14 +113,22 @@ def tune(
     if done < trials:
         print(f"study {study_name!r}: {done} of {trials} trials finished, running the rest")
         study.optimize(
-            Objective(space, settings, config_file, root, base.target_acc, trial_budget),
+            Objective(
+                space,
+                settings,
+                config_file,
+                root,
+                base.target_acc,
+                trial_budget,
+                epochs=base.epochs if accuracy else None,
+            ),  # fmt: skip
             n_trials=trials - done,
             # Other workers on the same storage also count towards --trials.
             callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished_states)],
         )
     else:
         print(f"study {study_name!r} already holds {done} finished trials (asked for {trials})")
-    write_reports(study, root, base.target_acc)
+    write_reports(study, root)
     return study
 
 
@@ -117,5 +143,6 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         study_name=args.study,
         storage=args.storage,
         out=args.out,
+        objective=args.objective,
     )
     return 0

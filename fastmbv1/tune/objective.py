@@ -1,6 +1,6 @@
 """One trial: one real ``train`` run of a drawn recipe, its score, and its pruning reports.
 
-Objective (minimised), in seconds:
+``--objective time`` (the default), minimised, in seconds:
 
 * a trial that reaches the target scores the training seconds (``train_s_total``, evaluation
   and start-up excluded) at the end of the first epoch whose test accuracy reached it, capped
@@ -17,6 +17,11 @@ A complete trial fills its remaining steps with its final accuracy, so that tria
 the target early still count in the median of later steps. To prune, the reporter returns
 True to ``train``, which ends the run as usual (``final.pt``, ``summary.json``); the trial
 is then told pruned.
+
+``--objective accuracy`` scores a trial of fixed epochs by the points its final accuracy
+falls short of 100 %, so that the machine's speed that minute does not enter the score:
+on a shared machine the same recipe has run at 2,400 images/s one day and 900 the next.
+Each epoch reports its shortfall at step = epoch, and the median pruner compares those.
 """
 
 from __future__ import annotations
@@ -42,10 +47,10 @@ GRID = 20
 MISS_POINTS = 10.0
 
 
-def median_pruner() -> optuna.pruners.MedianPruner:
-    """Prunes a trial behind the median of the complete ones, never in the budget's first
-    quarter (early accuracy says little), and only once two trials have completed."""
-    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=GRID // 4)
+def median_pruner(steps: int = GRID) -> optuna.pruners.MedianPruner:
+    """Prunes a trial behind the median of the complete ones, never in the first quarter of
+    its ``steps`` (early accuracy says little), and only once two trials have completed."""
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=steps // 4)
 
 
 def score(reached_s: float | None, best_acc: float, target: float, budget: float) -> float:
@@ -86,6 +91,27 @@ class Reporter:
         return self.pruned
 
 
+class EpochReporter:
+    """``on_epoch`` for a trial of the accuracy objective: each epoch's shortfall from 100 %
+    at step = epoch; prunes (True) a trial behind the median before its last epoch."""
+
+    def __init__(self, trial: optuna.Trial, epochs: int):
+        self.trial, self.epochs = trial, epochs
+        self.acc = self.best = 0.0
+        self.reached_s: float | None = None  # the time objective's; shown as empty
+        self.pruned = False
+        self.done = 0  # epochs evaluated
+
+    def __call__(self, record: dict) -> bool:
+        if record["test_acc"] is None:
+            return False
+        self.done, self.acc = record["epoch"], record["test_acc"]
+        self.best = max(self.best, self.acc)
+        self.trial.report(100.0 - self.acc, record["epoch"])
+        self.pruned = record["epoch"] < self.epochs and self.trial.should_prune()
+        return self.pruned
+
+
 @dataclass
 class Objective:
     """Train the trial's recipe in ``root/trial-NNNN`` and return its score."""
@@ -94,8 +120,9 @@ class Objective:
     settings: dict[str, Any]  # the config fields every trial shares
     config_file: str | None
     root: Path
-    target: float
+    target: float | None  # the time objective's target accuracy
     budget: float
+    epochs: int | None = None  # the accuracy objective's fixed epochs; None: time objective
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_id())
@@ -108,7 +135,10 @@ class Objective:
             "config", {k: v for k, v in cfg.to_dict().items() if k != "out" and v is not None}
         )
         print(f"\ntrial {trial.number}: {json.dumps(values)}", flush=True)
-        reporter = Reporter(trial, self.target, self.budget)
+        if self.epochs is None:
+            reporter = Reporter(trial, self.target, self.budget)
+        else:
+            reporter = EpochReporter(trial, self.epochs)
         try:
             # A pruned run ends like any other (final.pt, summary.json), stopped by on_epoch.
             train(cfg, on_epoch=reporter)
@@ -124,5 +154,10 @@ class Objective:
         trial.set_user_attr("reached_s", reporter.reached_s)
         if reporter.pruned:
             raise optuna.TrialPruned(f"pruned at {reporter.best:.2f} %")
+        if self.epochs is not None:
+            if reporter.done < self.epochs:  # cut short by --trial-budget: not comparable
+                print(f"trial {trial.number}: the trial budget ended it early", flush=True)
+                return math.nan  # Optuna records the trial as failed
+            return 100.0 - reporter.acc  # the final (saved) model's shortfall
         reporter.report_until(GRID)
         return score(reporter.reached_s, reporter.best, self.target, self.budget)

@@ -55,14 +55,16 @@ def toml_value(value: Any) -> str:
     raise TypeError(f"no TOML form for {value!r}")
 
 
-def write_best(study: optuna.Study, path: Path, target_acc: float) -> optuna.trial.FrozenTrial:
+def write_best(study: optuna.Study, path: Path) -> optuna.trial.FrozenTrial:
     best = study.best_trial
+    goal = study.user_attrs["fastmbv1"]
     reached = best.user_attrs.get("reached_s")
-    how = (
-        f"reached {target_acc} % after {reached:.1f} s of training"
-        if reached is not None
-        else f"best {best.user_attrs.get('best_acc', 0):.2f} % (missed {target_acc} %)"
-    )
+    if "epochs" in goal:  # the accuracy objective
+        how = f"{100.0 - best.value:.2f} % after {goal['epochs']} epochs"
+    elif reached is not None:
+        how = f"reached {goal['target_acc']} % after {reached:.1f} s of training"
+    else:
+        how = f"best {best.user_attrs.get('best_acc', 0):.2f} % (missed {goal['target_acc']} %)"
     lines = [
         f"# fastmbv1 tune: study {study.study_name!r}, trial {best.number}: {how}",
         "# fastmbv1 train --config this-file",
@@ -107,7 +109,7 @@ def write_plots(study: optuna.Study, root: Path) -> list[str]:
     return notes
 
 
-def write_reports(study: optuna.Study, root: Path, target_acc: float) -> None:
+def write_reports(study: optuna.Study, root: Path) -> None:
     columns, rows = trial_table(study)
     (root / "trials.md").write_text(markdown_table(columns, rows) + "\n")
     with open(root / "trials.csv", "w", newline="") as f:  # full precision, for analysis
@@ -118,7 +120,7 @@ def write_reports(study: optuna.Study, root: Path, target_acc: float) -> None:
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         print("no complete trial yet: no best.toml or plots", file=sys.stderr)
         return
-    best = write_best(study, root / "best.toml", target_acc)
+    best = write_best(study, root / "best.toml")
     for note in write_plots(study, root):
         print(note, file=sys.stderr)
     print(

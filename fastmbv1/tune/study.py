@@ -59,11 +59,11 @@ def fail_orphans(study: optuna.Study) -> list[int]:
 def open_study(
     name: str,
     storage: str,
-    target_acc: float,
-    trial_budget: float,
+    goal: dict[str, Any],
     pruner: optuna.pruners.BasePruner,
 ) -> optuna.Study:
-    """Create the study ``name`` in ``storage``, or load it if it exists with the same goal."""
+    """Create the study ``name`` in ``storage``, or load it if it exists with the same
+    ``goal`` (its objective's settings: target and budget, or epochs and budget)."""
     try:
         with warnings.catch_warnings():
             # Heartbeats are flagged experimental; they are what frees other workers' dead trials.
@@ -82,14 +82,22 @@ def open_study(
         raise UserError(f"--storage {storage}: {one_line(e)}") from None
     if study.direction != optuna.study.StudyDirection.MINIMIZE:
         raise UserError(f"study {name!r} in {storage} is not a fastmbv1 tune study")
-    goal = {"target_acc": target_acc, "trial_budget": trial_budget}
     stored = study.user_attrs.get("fastmbv1")
     if stored is None:
         study.set_user_attr("fastmbv1", goal)
     elif stored != goal:
-        # Objective values of different targets or budgets cannot be compared.
+        # Objective values of different objectives, targets or budgets cannot be compared.
         raise UserError(
-            f"study {name!r} was created with --target-acc {stored['target_acc']} "
-            f"--trial-budget {stored['trial_budget']}; use another --study for other values"
+            f"study {name!r} was created with {describe(stored)}; use another --study for "
+            "other values"
         )
     return study
+
+
+def describe(goal: dict[str, Any]) -> str:
+    """A study's goal as the flags that set it."""
+    objective = goal.get("objective", "time")
+    what = (
+        f"--epochs {goal['epochs']}" if "epochs" in goal else f"--target-acc {goal['target_acc']}"
+    )
+    return f"--objective {objective} {what} --trial-budget {goal['trial_budget']}"
