@@ -131,10 +131,12 @@ def test_two_gloo_ranks_train_compiled_in_step(tmp_path, data):
     assert json.loads((out / "summary.json").read_text())["compile_s"] > 0
 
 
-def tiny_classifier(width=1.0, normalize=True, dropout=0.0, tta=False, num_classes=10):
+def tiny_classifier(
+    width=1.0, normalize=True, dropout=0.0, tta=False, tta_translate=False, num_classes=10
+):
     """Normalise, pool, classify: a network Inductor compiles in a few kernels, not minutes."""
     identity = torch.nn.Identity()
-    return Classifier(identity, identity, 3, num_classes, normalize, dropout, tta)
+    return Classifier(identity, identity, 3, num_classes, normalize, dropout, tta, tta_translate)
 
 
 def test_summary_says_cold_then_warm_and_artifacts_warm_a_fresh_cache(tmp_path, data, monkeypatch):
