@@ -216,8 +216,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {},
     # The same recipe sized for a 2-core CPU and minutes: half or quarter width and as many
     # epochs as the budget fits at the speed measured at start (fit.py), smaller batches for
-    # more steps in the few epochs that fit.
-    "cpu": {"width": None, "batch_size": 128, "lr": 0.2, "epochs": None, "budget": 600.0},
+    # more steps in the few epochs that fit. Pointwise convs start as the identity: +4.0
+    # points at width 0.25 in 5 epochs, two seeds each (bench/results/ab-cpu-recipe.md).
+    "cpu": {
+        "width": None,
+        "batch_size": 128,
+        "lr": 0.2,
+        "epochs": None,
+        "budget": 600.0,
+        "dirac": True,
+    },
     # The original project's CustomMobileNet recipe, field for field (facts.md).
     "custom": {
         "model": "custom_mobilenet",

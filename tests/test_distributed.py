@@ -68,12 +68,12 @@ def rank_main(rank, world, port, data, out, cache, fields=None):
     from fastmbv1.plan import make_config
     from fastmbv1.train import train
 
-    pipelines, counts = [], []
+    runs, counts = [], []
     real_pipelines, real_evaluate = fastmbv1.plan.run_pipelines, fastmbv1.train.evaluate
 
     def run_pipelines(*args):
-        pipelines.extend(real_pipelines(*args))
-        return tuple(pipelines)
+        runs.append(real_pipelines(*args))
+        return runs[-1]
 
     def evaluate(*args):
         counts.append(real_evaluate(*args))
@@ -95,7 +95,8 @@ def rank_main(rank, world, port, data, out, cache, fields=None):
     )
     result = train(cfg)
     torch.save(result.model.state_dict(), f"{out}.rank{rank}.pt")
-    train_pipe, test_pipe, _ = pipelines
+    [run_data] = runs
+    train_pipe, test_pipe = run_data.train, run_data.test
     seen = {
         "train": [train_pipe.indices(e).tolist() for e in range(cfg.epochs)],
         "test": test_pipe.indices(0).tolist(),
