@@ -239,6 +239,13 @@ def build_parser() -> Parser:
         "--storage", metavar="URL", help="SQLAlchemy URL (default: sqlite:///OUT/tune.db)"
     )
     p.add_argument("--out", default="runs/tune", metavar="DIR", help="trials, best.toml, plots")
+    p.add_argument(
+        "--heartbeat-grace",
+        type=count,
+        metavar="S",
+        help="mark another worker's trial failed after S seconds without its heartbeat "
+        "(database storages; default 120)",
+    )
     add_config_flags(p, skip=("out",))  # settings for every trial; --out is the study's folder
     p.set_defaults(func=cmd_tune)
 
