@@ -61,9 +61,9 @@ class World:
         return t.tolist()
 
     def share_buffers(self, module: torch.nn.Module) -> None:
-        """Rank 0's buffers (BN statistics) on every rank. DDP sends them before each training
-        forward, so after the last step each rank still holds the statistics of its own
-        batches; evaluating or saving needs one model."""
+        """Rank 0's buffers (BN statistics) on every rank. DDP does not send them
+        (``broadcast_buffers=False``), so each rank holds the statistics of its own batches;
+        evaluating or saving needs one model."""
         if self.active:
             for buffer in module.buffers():
                 dist.broadcast(buffer, src=0)
