@@ -522,6 +522,7 @@ def test_tuning_workers_share_a_postgresql_study_and_outlive_a_killed_one(tmp_pa
     assert (dead.datetime_complete - killed).total_seconds() >= GRACE_S - 1 - 0.5
 
 
+@pytest.mark.timeout(60)
 def test_workers_that_start_together_draw_different_parameters(tmp_path):
     optuna = pytest.importorskip("optuna")
     from test_tune import SPACE
