@@ -110,18 +110,30 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fastmbv1 import distributed
+    from fastmbv1.config import settings
     from fastmbv1.plan import make_config, resume_config
+    from fastmbv1.rundir import RESTART_NEEDS_OUT, auto_resume, may_restart
     from fastmbv1.train import train
 
     overrides = config_overrides(args)
-    if args.resume and args.config:
+    resume, overwrite = args.resume, args.overwrite
+    if args.resume == "auto" or distributed.restarted():
+        # The same command line again (torchrun restarts it): continue its --out if it can.
+        given = settings(overrides, args.config)
+        resume = auto_resume(given.get("out"), distributed.restarted())
+        overwrite = overwrite or resume is None  # a failure before the first checkpoint
+        cfg = resume_config(resume, given) if resume else make_config(overrides, args.config)
+    elif args.resume and args.config:
         raise UserError("--config cannot be combined with --resume: the run keeps its config")
-    if args.resume:
+    elif args.resume:
         cfg = resume_config(args.resume, overrides)
     else:
         cfg = make_config(overrides, args.config)
+        if may_restart() and cfg.out is None:
+            raise UserError(RESTART_NEEDS_OUT)
     try:
-        train(cfg, resume=args.resume, overwrite=args.overwrite)
+        with distributed.lost_ranks(cfg.rank_timeout):
+            train(cfg, resume=resume, overwrite=overwrite)
     finally:
         distributed.shutdown()
     return 0
@@ -179,7 +191,12 @@ def build_parser() -> Parser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_flags(p)
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its checkpoint; auto: the run in --out if it holds "
+        "a checkpoint, else start it afresh (what a torchrun restart does)",
+    )
     p.add_argument("--overwrite", action="store_true", help="reuse an --out folder holding a run")
     p.set_defaults(func=cmd_train)
 
@@ -249,6 +266,13 @@ def build_parser() -> Parser:
         "--storage", metavar="URL", help="SQLAlchemy URL (default: sqlite:///OUT/tune.db)"
     )
     p.add_argument("--out", default="runs/tune", metavar="DIR", help="trials, best.toml, plots")
+    p.add_argument(
+        "--heartbeat-grace",
+        type=count,
+        metavar="S",
+        help="mark another worker's trial failed after S seconds without its heartbeat "
+        "(database storages; default 120)",
+    )
     add_config_flags(p, skip=("out",))  # settings for every trial; --out is the study's folder
     p.set_defaults(func=cmd_tune)
 

@@ -30,7 +30,9 @@ class BudgetClock:
     ``eval_steps``: until an evaluation has been measured, assume it takes this many training
     steps (the test set's size over the batch size: the same time per image as training).
     ``elapsed``: seconds a resumed run had already used. ``start``: when this session's time
-    began, as ``now`` read it (default: now). ``now``: the time source (a fake one in tests).
+    began, as ``now`` read it (default: now). ``lag``: steps between a decision and the step
+    it governs (ranks act on what they agreed one step late), which the stop rule looks
+    ahead by. ``now``: the time source (a fake one in tests).
     """
 
     def __init__(
@@ -41,9 +43,11 @@ class BudgetClock:
         eval_steps: float,
         elapsed: float = 0.0,
         start: float | None = None,
+        lag: int = 0,
         now: Callable[[], float] = time.perf_counter,
     ):
         self.budget, self.total_steps, self.eval_steps = budget, total_steps, eval_steps
+        self.lag = lag
         self.now, self.elapsed = now, elapsed
         self.start = now() if start is None else start
         self.step_s = 0.0  # running estimate of one step's wall time
@@ -87,7 +91,7 @@ class BudgetClock:
         self.time_driven = self.time_driven or now + self.step_s * (self.total_steps - step) > limit
         progress = step / self.total_steps
         if self.time_driven:
-            progress = max(progress, (now + self.step_s) / max(limit, 1e-9))
+            progress = max(progress, (now + self.step_s * (1 + self.lag)) / max(limit, 1e-9))
         return progress
 
     def fits_a_step(self, after: float = 0.0) -> bool:

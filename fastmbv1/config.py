@@ -128,6 +128,11 @@ class TrainConfig:
         "under 2 % of the time used; always at the end)",
     )
     sync_bn: bool = opt(False, "SyncBatchNorm across ranks under torchrun")
+    rank_timeout: float = opt(
+        600.0,
+        "under torchrun: seconds a rank waits for the others before it fails with an error (a "
+        "crashed, hung or stopped rank); must exceed compiling and writing a checkpoint",
+    )
     checkpoint_every: int | None = opt(
         None,
         "save a resumable checkpoint every N epochs (default: each epoch when epochs "
@@ -153,7 +158,7 @@ class TrainConfig:
             self.model in MODELS,
             f"unknown model {self.model!r}; choose from {', '.join(sorted(MODELS))}",
         )
-        for name in ("width", "budget", "lr", "bias_lr"):
+        for name in ("width", "budget", "lr", "bias_lr", "rank_timeout"):
             value = getattr(self, name)
             need(
                 (value is None and name == "width") or (math.isfinite(value) and value > 0),
@@ -276,7 +281,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Fields a resumed run may change: they decide when it stops or what it writes, not the recipe.
 SAFE_ON_RESUME = {
     "budget", "eval_every", "target_acc", "checkpoint_every", "keep", "data", "profile_steps",
-    "tensorboard", "compile_artifacts",
+    "tensorboard", "compile_artifacts", "rank_timeout",
 }  # fmt: skip
 
 

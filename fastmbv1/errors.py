@@ -25,6 +25,12 @@ class Diverged(FastError):
     exit_status = 4
 
 
+class LostRank(FastError):
+    """Under torchrun, another rank stopped answering (crashed, hung, stopped, unreachable).
+
+    Exit status 1: a failure that ``torchrun --max-restarts`` restarts from the checkpoint."""
+
+
 def one_line(e: BaseException, limit: int = 160) -> str:
     """The first line of an exception's text (or its type name), for a one-line message."""
     text = str(e).strip()

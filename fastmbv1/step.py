@@ -18,6 +18,7 @@ up, then captured, and the graphs of smaller sides are released, since sides onl
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,16 @@ from fastmbv1.models.init import dirac_pointwise, whiten_stem
 
 # torch.compile's backend; the tests swap in "eager", which compiles in moments.
 COMPILE_BACKEND = "inductor"
+# DDP's gradient bucket size in MB (None: torch's 25, with a 1 MB first bucket); a test sets
+# a small one to see the compiled graph split at each bucket.
+DDP_BUCKET_CAP_MB: float | None = None
+# No buffer broadcast before each forward: BN statistics are shared before each evaluation
+# (World.share_buffers). torch 2.14 renamed the flag; torch >= 2.5 is supported.
+NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 @dataclass
@@ -131,9 +142,18 @@ def build_run(
     # The evaluation has a batch of its own (evaluate pads the last one to it): compiled
     # static, or dynamo, seeing a second batch size, would make the batch dimension symbolic.
     model_for_eval = compiled(ema.model if ema else model, dynamic=False)
-    if world.active:  # compile the module, then wrap it (PyTorch's guidance for DDP)
+    if world.active:
+        # Compiled inside DDP's forward, the graph still splits at each gradient bucket
+        # (dynamo's DDPOptimizer; tests/test_scale.py). Gradients live in the buckets: no
+        # copy in or out of them.
         ids = [device.index] if device.index is not None else None
-        model_for_step = DistributedDataParallel(model_for_step, device_ids=ids)
+        model_for_step = DistributedDataParallel(
+            model_for_step,
+            device_ids=ids,
+            bucket_cap_mb=DDP_BUCKET_CAP_MB,
+            gradient_as_bucket_view=True,
+            **NO_BUFFER_SYNC,
+        )
     optimizer = torch.optim.SGD(
         param_groups(model, cfg),
         lr=cfg.lr,

@@ -10,14 +10,9 @@ from __future__ import annotations
 
 import functools
 import random
-import signal
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +23,6 @@ from torch.profiler import record_function
 
 from fastmbv1 import augment, distributed
 from fastmbv1.checkpoint import (
-    CHECKPOINT_GLOB,
     latest_training_state,
     model_from_record,
     save_model,
@@ -37,23 +31,23 @@ from fastmbv1.checkpoint import (
 from fastmbv1.clock import BudgetClock
 from fastmbv1.compile_cache import CompileCache
 from fastmbv1.config import WHY, TrainConfig
-from fastmbv1.distributed import World, split_batch
-from fastmbv1.errors import Diverged, Interrupted, UserError
+from fastmbv1.distributed import Agreement, World, split_batch
+from fastmbv1.errors import Diverged
 from fastmbv1.evaluate import evaluate
 from fastmbv1.flops import training_flops_per_image
+from fastmbv1.interrupts import Signals, graceful_interrupts, interrupted, time_to_evaluate
 from fastmbv1.machine import device_name, peak_memory, pick_device, sync, versions
 from fastmbv1.metrics import RunLog, format_summary, utilisation, write_json
 from fastmbv1.peak import cached_peak, step_dtype
 from fastmbv1.plan import plan_run
 from fastmbv1.profile import StepTrace
+from fastmbv1.rundir import agree_on_the_start, note_exit, prepare_out
 from fastmbv1.schedule import lr_factor
 from fastmbv1.state import RunState, Totals
 from fastmbv1.step import Run, build_run, set_lr, train_step
 from fastmbv1.timing import ComputeTimer
 from pipelines import Pipeline
 
-# What a run writes besides its checkpoints (--overwrite clears them all).
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.pt")
 # By default evaluations take at most this share of the time (one more always ends a run).
 EVAL_SHARE = 0.02
 # Without a GPU, checking the loss every step is free; on CUDA it would sync each step.
@@ -61,59 +55,6 @@ NAN_CHECK_EVERY = {"cpu": 1, "cuda": 25}
 # Without --checkpoint-every, a run whose first epoch took longer than this many seconds of
 # training saves a checkpoint after every epoch (a crash would lose more than it costs).
 AUTO_CHECKPOINT_EPOCH_S = 60.0
-
-
-def prepare_out(cfg: TrainConfig, resume: str | None, overwrite: bool, write: bool) -> Path:
-    out = Path(resume or cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if not write:
-        return out
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output folder {out} is a file")
-    if not resume and (out / "config.json").exists() and not overwrite:
-        raise UserError(f"output folder {out} already holds a run; pass --overwrite or --resume")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if overwrite and not resume:  # an old run's checkpoints must never pass for this run's
-            for old in (*out.glob(CHECKPOINT_GLOB), *(out / n for n in RUN_FILES)):
-                old.unlink(missing_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output folder {out} is not writable ({e.strerror})") from None
-    return out
-
-
-class Signals:
-    """The first SIGINT/SIGTERM a run received (by name), if any."""
-
-    received: str | None = None
-
-
-@contextmanager
-def graceful_interrupts() -> Iterator[Signals]:
-    """First SIGINT/SIGTERM: ask the loop to stop after this step. Second SIGINT: stop now."""
-    signals = Signals()
-
-    def handler(signum, frame):
-        if signals.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        signals.received = signal.Signals(signum).name
-        print(
-            f"\n{signals.received}: finishing this step and saving a checkpoint "
-            "(SIGINT again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    # Signal handlers can only be set from the main thread (not, say, inside a tuner thread).
-    main = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    try:
-        yield signals
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 @dataclass
@@ -135,11 +76,19 @@ class Epoch:
     side: int = augment.FULL_SIDE  # the images' side this epoch (progressive resizing)
 
 
+def agreed(rows: list[list[float]]) -> tuple[float, bool, tuple[int, int, float] | None]:
+    """What every rank acts on, from each rank's row [progress, signalled, step of its first
+    non-finite loss or -1, that loss]: the furthest progress, whether any rank was signalled,
+    and the first non-finite loss as (step, rank, loss), the lowest rank's on a tie."""
+    bad = [(int(r[2]), rank, r[3]) for rank, r in enumerate(rows) if r[2] >= 0]
+    return max(r[0] for r in rows), any(r[1] for r in rows), min(bad, default=None)
+
+
 def train_epoch(
     run: Run,
     batches: Pipeline,
     clock: BudgetClock,
-    world: World,
+    agreement: Agreement,
     signals: Signals,
     log: RunLog,
     totals: Totals,
@@ -148,6 +97,9 @@ def train_epoch(
 ) -> Epoch:
     """Train the epoch after ``totals.epochs_done``, until the clock or a signal stops it.
 
+    Before each step the ranks agree (``agreement``, one step late) on the schedule's
+    progress, signals and non-finite losses, so all take the same LR and stop at the same
+    step; a last exchange after the epoch's last step settles how that step went.
     ``warm_up`` runs after the run's very first step (a compiled run compiles more there);
     ``trace`` records the epoch's first ``trace.steps`` steps.
     """
@@ -159,17 +111,35 @@ def train_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     nan_every = NAN_CHECK_EVERY.get(device.type, 1)
     lrs, images, data_wait, compile_s, stop, note = [], 0, 0.0, 0.0, None, ""
+    bad = (-1.0, 0.0)  # this rank's first non-finite loss: (step, loss), or none yet
     side, compute = augment.FULL_SIDE, ComputeTimer(device)
     clock.new_epoch()
     bar = log.bar(epoch + 1, n)
     start = time.perf_counter()
     it = iter(batches)
-    for i in range(n):
+    for i in range(n + 1):
         step = first_step + i
-        progress, signalled = world.max_over_ranks(clock.progress(step), bool(signals.received))
-        if signalled or progress >= 1.0:
+        mine = [clock.progress(step) if i < n else 0.0, bool(signals.received), *bad]
+        progress, signalled, diverged = agreed(agreement.exchange(mine, now=i == n))
+        if diverged is not None:
+            at, rank, loss = diverged
+            where = f" on rank {rank}" if agreement.world.active else ""
+            stop, note = (
+                "diverged",
+                (
+                    f"loss became {loss} at step {at + 1}{where} (epoch {epoch + 1}, lr "
+                    f"{lrs[at - first_step]:.4g}); lower --lr or use --amp bf16/off; the last "
+                    f"checkpoint in {log.path.parent} is from before it"
+                ),
+            )
+            break
+        # Agreed one step late, progress misses this step's own share of the schedule.
+        progress = max(progress, step / clock.total_steps)
+        if signalled or (i < n and progress >= 1.0):
             stop = "signal" if signalled else "budget"
             signals.received = signals.received or "a signal on another rank"
+            break
+        if i == n:
             break
         if i == 0:  # progressive resizing: one image side for the whole epoch
             side = augment.side_at(cfg.start_side, progress)
@@ -198,25 +168,19 @@ def train_epoch(
             sync(device)
             compile_s = time.perf_counter() - t
             compute.forget_last()
-        if (i + 1) % nan_every == 0 or i + 1 == n:
-            bad = (~torch.isfinite(losses[max(0, i + 1 - nan_every) : i + 1])).nonzero()
-            if len(bad):
-                j = max(0, i + 1 - nan_every) + int(bad[0])
-                stop, note = (
-                    "diverged",
-                    (
-                        f"loss became {losses[j].item()} at step {first_step + j + 1} (epoch "
-                        f"{epoch + 1}, lr {lrs[j]:.4g}); lower --lr or use --amp bf16/off; the "
-                        f"last checkpoint in {log.path.parent} is from before it"
-                    ),
-                )
-                break
+        if bad[0] < 0 and ((i + 1) % nan_every == 0 or i + 1 == n):
+            lo = max(0, i + 1 - nan_every)
+            found = (~torch.isfinite(losses[lo : i + 1])).nonzero()
+            if len(found):  # told to every rank by the next exchanges; all stop at one step
+                j = lo + int(found[0])
+                bad = (first_step + j, losses[j].item())
         bar.update()
         if log.interactive and i % 20 == 0:  # .item() syncs a GPU: not every step
             bar.set_postfix(
                 loss=f"{losses[i].item():.3f}", budget_left=f"{cfg.budget - clock.wall():.0f}s"
             )
     bar.close()
+    agreement.finish()  # an exchange still in flight when the ranks agreed to stop early
     if trace is not None and trace.running:  # the epoch ended before its steps were recorded
         trace.steps = len(lrs)
         trace.report()
@@ -325,12 +289,6 @@ def epoch_record(
     }
 
 
-def interrupted(signals: Signals, saved: Path | None, out: Path, when: str) -> Interrupted:
-    return Interrupted(
-        f"{signals.received} {when}; saved {saved}; continue with: fastmbv1 train --resume {out}"
-    )
-
-
 @dataclass
 class RunResult:
     summary: dict
@@ -354,13 +312,14 @@ def train(
     sees each epoch's metrics record and stops the run by returning True (a tuner prunes).
     """
     start = time.perf_counter()  # the budget counts from here: loading and compiling too
-    world = distributed.init(pick_device(cfg.device))
+    world = distributed.init(pick_device(cfg.device), cfg.rank_timeout)
     device = world.device(pick_device(cfg.device))
     plan = plan_run(cfg, device, world, start)  # the machine's decisions, checked before writing
     cfg, train_pipe, test_pipe = plan.cfg, plan.data.train, plan.data.test
     out = prepare_out(cfg, resume, overwrite, write=world.main)
     state = RunState.from_dict(latest_training_state(out)[0]) if resume else None
     totals = state.totals if state else Totals()
+    agree_on_the_start(totals.epochs_done if state else -1, out, world)
     log = RunLog(out, records=state and state.metrics, write=world.main, tb=cfg.tensorboard)
     why = log.start({**cfg.to_dict(), WHY: plan.why}, resumed_after=state and totals.epochs_done)
     seed_everything(cfg.seed)
@@ -374,15 +333,16 @@ def train(
     flops_per_image = functools.cache(lambda side: training_flops_per_image(run.model, side))
     clock = BudgetClock(
         cfg.budget, cfg.epochs * steps, eval_steps=plan.data.n_test / cfg.batch_size,
-        elapsed=totals.wall_s, start=start,
+        elapsed=totals.wall_s, start=start, lag=int(world.active),
     )  # fmt: skip
+    agreement = Agreement(world)
 
     def warm_up() -> None:  # compile the eval graph after the first step, not in the first eval
         evaluate(run.model_for_eval, [next(iter(test_pipe))], device, cfg.amp, cfg.channels_last)
         compile_cache.compiled()
 
-    def save() -> Path | None:
-        state = RunState.capture(run, totals, log.records)
+    def save(records: list[dict]) -> Path | None:
+        state = RunState.capture(run, totals, records)
         return save_training_state(out, state.to_dict(), cfg.keep) if world.main else None
 
     # --profile-steps: the second epoch, when the first has compiled and warmed everything up
@@ -398,15 +358,28 @@ def train(
             snapshot = RunState.capture(run, totals, log.records) if world.main else None
             first = warm_up if cfg.compile and totals.steps == 0 else None
             second = trace if trace and totals.epochs_done == min(1, cfg.epochs - 1) else None
-            e = train_epoch(run, train_pipe, clock, world, signals, log, totals, first, second)
+            e = train_epoch(run, train_pipe, clock, agreement, signals, log, totals, first, second)
             if e.stop == "diverged":
-                raise Diverged(e.note)
+                raise note_exit(Diverged(e.note), out, world)
             if e.stop == "signal" and e.steps < steps:
                 when = f"during epoch {totals.epochs_done + 1}, which a resumed run repeats"
                 saved = snapshot and save_training_state(out, snapshot.to_dict(), cfg.keep)
-                raise interrupted(signals, saved, out, when)
+                raise note_exit(interrupted(signals, saved, out, when), out, world)
             totals.add(e, flops_per_image(e.side))
             stop, evaluate_now = end_of_epoch(e, cfg, totals, clock, world, signals)
+            if stop == "signal":  # saved first: a preemption's grace is short, an eval long
+                totals.wall_s = clock.wall()
+                unscored = epoch_record(e, totals, None, 0.0, world, steps)
+                t = time.perf_counter()
+                saved = save([*log.records, unscored])
+                if evaluate_now and time_to_evaluate(signals, clock, world, saved, t):
+                    test_acc, eval_s = evaluate_run(run, test_pipe, world, clock, totals)
+                    totals.wall_s = clock.wall()
+                    log.add(epoch_record(e, totals, test_acc, eval_s, world, steps))
+                    saved = save(log.records)
+                else:
+                    log.add(unscored)
+                break
             test_acc, eval_s = (
                 evaluate_run(run, test_pipe, world, clock, totals) if evaluate_now else (None, 0.0)
             )
@@ -417,12 +390,11 @@ def train(
             if cfg.target_acc is not None and test_acc is not None and test_acc >= cfg.target_acc:
                 stop = stop or "target_acc"
             every = every if every is not None else int(e.train_s > AUTO_CHECKPOINT_EPOCH_S)
-            if stop == "signal" or (every and totals.epochs_done % every == 0):
-                saved = save()
+            if every and totals.epochs_done % every == 0:
+                saved = save(log.records)
     if stop == "signal":
-        raise interrupted(
-            signals, saved, out, f"after epoch {totals.epochs_done} (step {totals.steps})"
-        )
+        when = f"after epoch {totals.epochs_done} (step {totals.steps})"
+        raise note_exit(interrupted(signals, saved, out, when), out, world)
     totals.wall_s = clock.wall()
     steady = (totals.train_s - totals.compile_s) / (totals.steps - 1) if totals.steps > 1 else None
     compiled = compile_cache.finish(totals.compile_s, steady)

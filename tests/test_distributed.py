@@ -101,7 +101,9 @@ def rank_main(rank, world, port, data, out, cache, fields=None):
         "train": [train_pipe.indices(e).tolist() for e in range(cfg.epochs)],
         "test": test_pipe.indices(0).tolist(),
         "final_eval": counts[-1],
-        "summed": distributed.init(torch.device("cpu")).sum([rank + 1, 10], torch.device("cpu")),
+        "summed": distributed.init(torch.device("cpu"), 120).sum(
+            [rank + 1, 10], torch.device("cpu")
+        ),
     }
     (Path(f"{out}.rank{rank}.json")).write_text(json.dumps(seen))
     distributed.shutdown()

@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from fastmbv1.tune.objective import Objective, median_pruner
 from fastmbv1.tune.report import write_reports
 from fastmbv1.tune.space import Space, check_space, default_space, read_space
-from fastmbv1.tune.study import fail_orphans, open_study
+from fastmbv1.tune.study import GRACE_S, PerTrialSeed, fail_orphans, open_study
 
 # Config fields a trial takes from the tuner, so their flags are refused, with the reason.
 REFUSED_FLAGS = {
@@ -52,13 +52,15 @@ def tune(
     storage: str | None = None,
     out: str = "runs/tune",
     objective: str = "time",
+    heartbeat_grace: int = GRACE_S,
 ) -> optuna.Study:
     """Run the study until it holds ``trials`` finished trials; write the reports to ``out``.
 
     ``overrides`` are config fields fixed for every trial, as ``fastmbv1 train``'s flags give
     them; their ``target_acc`` (or ``config_file``'s) is the study's target, their ``seed``
     also seeds the sampler. ``objective``: "time" to the target, or "accuracy" after the
-    fixed ``epochs`` (see ``fastmbv1.tune.objective``).
+    fixed ``epochs`` (see ``fastmbv1.tune.objective``). ``heartbeat_grace``: seconds without
+    a heartbeat after which another worker's trial counts as dead.
     """
     for name, why in REFUSED_FLAGS.items():
         if name in overrides:
@@ -99,17 +101,14 @@ def tune(
     else:
         goal = {"target_acc": base.target_acc, "trial_budget": trial_budget}
         pruner = median_pruner()
-    study = open_study(study_name, storage, goal, pruner)
+    study = open_study(study_name, storage, goal, pruner, heartbeat_grace)
     for n in fail_orphans(study):
         print(f"trial {n} was interrupted (its process is gone): marked failed", flush=True)
 
     finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished_states))
-    # Reseeded by the trials already there, so a restart does not redraw the first ones; a
-    # third of the trials (at most Optuna's usual 10) explore at random before TPE steers.
-    study.sampler = optuna.samplers.TPESampler(
-        seed=base.seed + len(study.trials), n_startup_trials=min(10, max(2, trials // 3))
-    )
+    # A third of the trials (at most Optuna's usual 10) explore at random before TPE steers.
+    study.sampler = PerTrialSeed(base.seed, n_startup_trials=min(10, max(2, trials // 3)))
     if done < trials:
         print(f"study {study_name!r}: {done} of {trials} trials finished, running the rest")
         study.optimize(
@@ -144,5 +143,6 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         storage=args.storage,
         out=args.out,
         objective=args.objective,
+        heartbeat_grace=args.heartbeat_grace or GRACE_S,
     )
     return 0
