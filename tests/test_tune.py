@@ -77,9 +77,9 @@ def test_study_writes_best_config_tables_and_plots(tmp_path, inputs, capsys, mon
 
     real_open, pruners = fastmbv1.tune.open_study, []
 
-    def open_study(*args):
-        pruners.append(args[-1])
-        return real_open(*args)
+    def open_study(name, storage, goal, pruner, *args):
+        pruners.append(pruner)
+        return real_open(name, storage, goal, pruner, *args)
 
     monkeypatch.setattr(fastmbv1.tune, "open_study", open_study)
     assert main(tune_args(tmp_path, *inputs)) == 0

@@ -40,7 +40,10 @@ def whiten_stem(model: nn.Module, images: np.ndarray) -> None:
 
 @torch.no_grad()
 def dirac_pointwise(model: nn.Module) -> None:
-    """Each block's pointwise conv as the identity on its first min(in, out) outputs."""
-    for block in model.blocks:
-        weight = block.pointwise[0].weight  # (out, in, 1, 1)
-        nn.init.dirac_(weight[: min(weight.shape[:2])])
+    """Each block's pointwise conv as the identity on its first min(in, out) outputs (a
+    model without such blocks is left as it is)."""
+    for module in model.modules():
+        pointwise = getattr(module, "pointwise", None)
+        if pointwise is not None:
+            weight = pointwise[0].weight  # (out, in, 1, 1)
+            nn.init.dirac_(weight[: min(weight.shape[:2])])
