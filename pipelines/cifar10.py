@@ -233,7 +233,12 @@ def _unpickle(raw: bytes, where: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _write_cache(arrays: dict[str, np.ndarray], arrays_dir: Path) -> None:
-    """Write into a temporary sibling folder and rename it into place: all or nothing."""
+    """Write into a temporary sibling folder and rename it into place: all or nothing.
+
+    A folder at ``arrays_dir`` only ever appears whole, by that rename, so one that is there
+    is kept: another process (a DDP rank) published it first and may be reading it already.
+    Removing it to put ours in its place is what made a rank read a half-deleted cache.
+    """
     parent = arrays_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -247,13 +252,21 @@ def _write_cache(arrays: dict[str, np.ndarray], arrays_dir: Path) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         (tmp / "done").touch()
-        if (arrays_dir / "done").is_file():  # another process (a DDP rank) finished first
-            return
-        shutil.rmtree(arrays_dir, ignore_errors=True)  # a crashed writer's leftovers
-        os.replace(tmp, arrays_dir)
+        _publish(tmp, arrays_dir)
     except OSError as e:
-        if (arrays_dir / "done").is_file():  # another process (a DDP rank) finished first
-            return
         raise UserError(f"cannot write the CIFAR-10 cache in {parent}: {e.strerror}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, arrays_dir: Path) -> None:
+    """Rename ``tmp`` to ``arrays_dir`` unless a complete cache is there. A rename never
+    replaces a folder that holds files, so a published cache cannot be lost to a race."""
+    try:
+        os.rename(tmp, arrays_dir)
+    except OSError:
+        if (arrays_dir / "done").is_file():
+            return
+        # Not this code's (it publishes whole folders only): removing it could race another
+        # writer's rename, so the user decides.
+        raise UserError(f"{arrays_dir} holds an incomplete CIFAR-10 cache; delete it") from None

@@ -1,4 +1,5 @@
 import io
+import multiprocessing as mp
 import os
 import time
 import urllib.error
@@ -182,3 +183,45 @@ def test_real_copy_counts_and_means(real_cifar):
     assert np.bincount(d.test_labels, minlength=10).tolist() == [1000] * 10
     means = d.train_images.reshape(-1, 3).mean(0) / 255
     np.testing.assert_allclose(means, [0.49140, 0.48216, 0.44653], atol=5e-5)
+
+
+def test_a_published_cache_is_kept_when_a_second_writer_finishes(tmp_path, tiny_archive):
+    """Two DDP ranks decode at once; the second to finish must not remove the first's cache,
+    which the first may be reading already (CI once failed a rank on exactly that)."""
+    first = load_cifar10(tiny_archive, cache_dir=tmp_path / "c")
+    (arrays_dir,) = (tmp_path / "c" / "arrays").iterdir()
+    inode = arrays_dir.stat().st_ino
+    cifar10._write_cache(cifar10._decode(tiny_archive), arrays_dir)  # the late writer
+    assert arrays_dir.stat().st_ino == inode
+    assert sorted(p.name for p in arrays_dir.parent.iterdir()) == [arrays_dir.name]  # no tmp
+    np.testing.assert_array_equal(np.load(arrays_dir / "train_images.npy"), first.train_images)
+
+
+def test_an_incomplete_cache_folder_is_named_not_removed(tmp_path, tiny_archive):
+    load_cifar10(tiny_archive, cache_dir=tmp_path / "c")
+    (arrays_dir,) = (tmp_path / "c" / "arrays").iterdir()
+    (arrays_dir / "done").unlink()
+    with pytest.raises(UserError, match="incomplete CIFAR-10 cache; delete it"):
+        load_cifar10(tiny_archive, cache_dir=tmp_path / "c")
+    assert (arrays_dir / "train_images.npy").is_file()
+
+
+def _load_in_rounds(archive, caches, barrier):
+    for cache in caches:
+        barrier.wait(timeout=20)
+        if load_cifar10(archive, cache_dir=cache).train_images.shape[0] != 40:
+            raise SystemExit(1)
+
+
+def test_ranks_that_cache_at_once_all_read_whole_arrays(tmp_path, tiny_archive):
+    ctx = mp.get_context("fork")
+    caches = [tmp_path / f"c{i}" for i in range(80)]
+    barrier = ctx.Barrier(3)
+    procs = [
+        ctx.Process(target=_load_in_rounds, args=(tiny_archive, caches, barrier)) for _ in range(3)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
