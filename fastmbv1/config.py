@@ -66,6 +66,11 @@ class TrainConfig:
         "decay is divided by it, so their decay per step stays the same (airbench's bias "
         "scaler)",
     )
+    muon: float = opt(
+        0.0,
+        "Muon (torch.optim.Muon) for the pointwise convs' weights, at this multiple of the "
+        "learning rate; SGD keeps the rest (0: off)",
+    )
     bn_momentum: float = opt(
         0.1, "batch-norm running statistics: weight of each new batch (torch's convention)"
     )
@@ -181,6 +186,12 @@ class TrainConfig:
         )
         need(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.muon >= 0, f"--muon must be >= 0, got {self.muon}")
+        need(
+            not (self.muon and self.amp == "fp16"),
+            "--muon: not with --amp fp16, whose grad scaler unscales the gradients Muon reads; "
+            "use bf16",
+        )
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         need(0 < self.bn_momentum <= 1, f"--bn-momentum must be in (0, 1], got {self.bn_momentum}")
         need(

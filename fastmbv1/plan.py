@@ -71,10 +71,12 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig
     return make_config(config.resumed_settings(run_dir, overrides))
 
 
-def graphs_problem(device: torch.device, amp: str, world: World) -> str | None:
+def graphs_problem(device: torch.device, amp: str, world: World, muon: float = 0.0) -> str | None:
     """Why the training step cannot be captured as CUDA graphs here, or None if it can."""
     if device.type != "cuda":
         return "CUDA graphs need a CUDA GPU"
+    if muon:
+        return "torch's Muon reads its learning rate on the host"
     if amp == "fp16":
         return "the fp16 grad scaler decides on the host whether a step is skipped; use bf16"
     if world.active:
@@ -128,7 +130,7 @@ def resolve(
         if problem:  # e.g. no C compiler for Inductor: train eager rather than not at all
             filled["compile"] = False
             why["compile"] = f"off: torch.compile failed on a tiny probe ({problem}); eager"
-    no_graphs = graphs_problem(device, filled.get("amp", cfg.amp), world or World())
+    no_graphs = graphs_problem(device, filled.get("amp", cfg.amp), world or World(), cfg.muon)
     if cfg.cuda_graphs and no_graphs:
         raise UserError(f"--cuda-graphs: {no_graphs}")
     if cfg.cuda_graphs is None:

@@ -36,6 +36,7 @@ from fastmbv1.errors import one_line
 from fastmbv1.evaluate import autocast
 from fastmbv1.models import build_model
 from fastmbv1.models.init import dirac_pointwise, whiten_stem
+from fastmbv1.optim import SGDWithMuon, build_optimizer
 
 # torch.compile's backend; the tests swap in "eager", which compiles in moments.
 COMPILE_BACKEND = "inductor"
@@ -60,7 +61,7 @@ class Run:
     model: nn.Module  # the network itself: what is saved
     model_for_step: nn.Module  # what trains it: compiled and/or DDP-wrapped
     model_for_eval: nn.Module  # what evaluates the shipped model: compiled or not, never DDP
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | SGDWithMuon
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     name: str  # registry name and constructor arguments: what rebuilds the model
@@ -154,17 +155,7 @@ def build_run(
             gradient_as_bucket_view=True,
             **NO_BUFFER_SYNC,
         )
-    optimizer = torch.optim.SGD(
-        param_groups(model, cfg),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-        # Fused on CUDA: one kernel, and the fp16 scaler's inf check stays on the device
-        # (GradScaler.step reads it on the host for other optimisers). On the CPU the
-        # fused kernel is ~200x slower than the default.
-        fused=device.type == "cuda" or None,
-    )
+    optimizer = build_optimizer(model, cfg, device)
     run = Run(
         cfg=cfg,
         device=device,
@@ -183,21 +174,6 @@ def build_run(
     if cfg.cuda_graphs and device.type == "cuda":
         run.graphs = StepGraphs(run)
     return run
-
-
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """The optimiser's groups: the conv and linear weights; the batch-norm weights; the
-    biases (batch-norm and classifier), at ``--bias-lr`` times the learning rate with their
-    weight decay divided by as much. ``--no-bn-decay`` takes the decay off the last two."""
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = cfg.weight_decay if cfg.bn_decay else 0.0
-    return [
-        {"params": [p for _, p in trained if p.ndim > 1], "lr_scale": 1.0},
-        {"params": [p for n, p in trained if p.ndim == 1 and not n.endswith("bias")],
-         "lr_scale": 1.0, "weight_decay": decay},
-        {"params": [p for n, p in trained if p.ndim == 1 and n.endswith("bias")],
-         "lr_scale": cfg.bias_lr, "weight_decay": decay / cfg.bias_lr},
-    ]  # fmt: skip
 
 
 def set_lr(run: Run, lr: float) -> None:

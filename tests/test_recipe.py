@@ -54,6 +54,7 @@ def test_cuda_graphs_default_to_one_process_without_fp16_and_are_refused_elsewhe
     assert "fp16" in plan.graphs_problem(cuda, "fp16", World())
     assert "DDP" in plan.graphs_problem(cuda, "bf16", World(size=2))
     assert "DDP" in plan.graphs_problem(cuda, "bf16", World(forced=True))
+    assert "Muon" in plan.graphs_problem(cuda, "bf16", World(), muon=0.5)
     cfg, why = resolve(make_config({"device": "cpu"}), cpu)
     assert cfg.cuda_graphs is False and why["cuda_graphs"].startswith("off: CUDA graphs need")
     with pytest.raises(UserError, match="--cuda-graphs: CUDA graphs need a CUDA GPU"):
@@ -245,6 +246,39 @@ def test_optimiser_groups_give_biases_their_own_lr_and_norms_their_own_decay():
     groups = build_run(cfg, torch.device("cpu")).optimizer.param_groups
     assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0
     assert groups[2]["weight_decay"] == 0.0
+
+
+def test_muon_takes_the_pointwise_weights_as_matrices_and_sgd_the_rest():
+    from fastmbv1.optim import pointwise_weights
+    from fastmbv1.step import build_run, set_lr, train_step
+
+    cfg = make_config({"preset": "cpu", "width": 0.25, "muon": 0.5, "bias_lr": 4.0})
+    run = build_run(cfg, torch.device("cpu"))
+    pointwise = pointwise_weights(run.model)
+    assert len(pointwise) == 13  # MobileNetV1's 13 blocks, one 1x1 conv each
+    *sgd, muon = run.optimizer.param_groups
+    in_sgd = {id(p) for g in sgd for p in g["params"]}
+    assert in_sgd.isdisjoint(map(id, pointwise))
+    assert in_sgd | {id(p) for p in pointwise} == {id(p) for p in run.model.parameters()}
+    # Muon's parameters are the conv weights themselves, seen as (C_out, C_in).
+    for w, m in zip(pointwise, muon["params"], strict=True):
+        assert m.shape == w.shape[:2] and m.data_ptr() == w.data_ptr()
+    set_lr(run, 0.1)
+    assert muon["lr"] == pytest.approx(0.05) and sgd[2]["lr"] == pytest.approx(0.4)
+    # One step: each pointwise weight moves by an orthogonalised matrix (Newton-Schulz takes
+    # the gradient's leading singular values near 1; a small batch leaves the rank low),
+    # after the decoupled decay. SGD's steps are nothing alike.
+    before = [w.detach().clone() for w in pointwise]
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    train_step(run, x.contiguous(memory_format=torch.channels_last), y, y, 1.0)
+    lr, decay = muon["lr"], muon["weight_decay"]
+    assert decay == pytest.approx(5e-4 / (0.1 * 0.5))
+    for w0, w in zip(before, pointwise, strict=True):
+        rows, cols = w.shape[:2]
+        step = (w0 * (1 - lr * decay) - w.detach()).view(rows, cols)
+        step /= lr * max(1, rows / cols) ** 0.5  # torch's "original" LR adjustment
+        sv = torch.linalg.svdvals(step)[:4]
+        assert sv.min() > 0.5 and sv.max() < 1.3, (w.shape, sv)
 
 
 def test_bn_momentum_reaches_every_batch_norm():

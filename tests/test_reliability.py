@@ -66,7 +66,9 @@ def without_times(rs):
 
 
 @pytest.mark.parametrize(
-    "recipe", [{"dropout": 0.2}, {"ema": 0.9, "tta": True}], ids=["dropout", "ema-tta"]
+    "recipe",
+    [{"dropout": 0.2}, {"ema": 0.9, "tta": True}, {"muon": 0.5, "dirac": True}],
+    ids=["dropout", "ema-tta", "muon"],
 )
 def test_resume_equals_the_uninterrupted_run(tmp_path, data, recipe):
     full = train(config(tmp_path, data, "full", **recipe))

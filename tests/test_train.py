@@ -202,6 +202,8 @@ def run_cli(*args, cwd=None):
         (["train", "--width", "0"], "--width must be > 0"),
         (["train", "--lr", "fast"], "invalid float value"),
         (["train", "--amp", "fp8"], "invalid choice"),
+        (["train", "--muon", "-1"], "--muon must be >= 0"),
+        (["train", "--muon", "0.5", "--amp", "fp16"], "--muon: not with --amp fp16"),
         (["train", "--preset", "nope"], "unknown preset"),
         (["train", "--config", "missing.toml"], "does not exist"),
     ],
