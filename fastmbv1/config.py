@@ -69,7 +69,8 @@ class TrainConfig:
     muon: float = opt(
         0.0,
         "Muon (torch.optim.Muon) for the pointwise convs' weights, at this multiple of the "
-        "learning rate; SGD keeps the rest (0: off)",
+        "learning rate (Muon scales each layer's step by a further sqrt(max(1, C_out/C_in))); "
+        "SGD keeps the rest (0: off)",
     )
     bn_momentum: float = opt(
         0.1, "batch-norm running statistics: weight of each new batch (torch's convention)"
@@ -189,8 +190,8 @@ class TrainConfig:
         need(self.muon >= 0, f"--muon must be >= 0, got {self.muon}")
         need(
             not (self.muon and self.amp == "fp16"),
-            "--muon: not with --amp fp16, whose grad scaler unscales the gradients Muon reads; "
-            "use bf16",
+            "--muon: not with --amp fp16, whose grad scaler would neither unscale nor check "
+            "the gradients Muon reads; use bf16",
         )
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         need(0 < self.bn_momentum <= 1, f"--bn-momentum must be in (0, 1], got {self.bn_momentum}")

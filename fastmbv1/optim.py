@@ -10,6 +10,8 @@ filter's 9 taps, or the head, are not one).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn as nn
 
@@ -28,7 +30,9 @@ def pointwise_weights(model: nn.Module) -> list[nn.Parameter]:
     ]
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig, leave_out=()) -> list[dict]:
+def param_groups(
+    model: nn.Module, cfg: TrainConfig, leave_out: Iterable[nn.Parameter] = ()
+) -> list[dict]:
     """SGD's groups: the conv and linear weights; the batch-norm weights; the biases
     (batch-norm and classifier), at ``--bias-lr`` times the learning rate with their weight
     decay divided by as much. ``--no-bn-decay`` takes the decay off the last two.
@@ -45,7 +49,9 @@ def param_groups(model: nn.Module, cfg: TrainConfig, leave_out=()) -> list[dict]
     ]  # fmt: skip
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device
+) -> torch.optim.SGD | SGDWithMuon:
     """SGD over ``param_groups``; with ``cfg.muon``, ``SGDWithMuon``. Each group carries an
     ``lr_scale``: the schedule's learning rate times it is the group's (``step.set_lr``)."""
     muon_weights = pointwise_weights(model) if cfg.muon else []
@@ -65,8 +71,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
 
 class SGDWithMuon:
     """SGD, then Muon on the pointwise weights, behind the one optimiser's interface that the
-    step, the schedule and the checkpoints use. Not with the fp16 grad scaler, which would
-    unscale the 4-D gradients that Muon's 2-D views only get in ``step`` (config refuses)."""
+    step, the schedule and the checkpoints use. Not with the fp16 grad scaler (config
+    refuses): it unscales and checks for inf only the gradients of ``param_groups``, and the
+    4-D weights Muon updates are in none of them."""
 
     def __init__(self, sgd: torch.optim.SGD, weights: list[nn.Parameter], cfg: TrainConfig):
         self.sgd = sgd
@@ -89,7 +96,11 @@ class SGDWithMuon:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.sgd.zero_grad(set_to_none=set_to_none)
         for w, m in self.pairs:
-            w.grad = m.grad = None
+            m.grad = None  # step hands it a view of w.grad
+            if set_to_none or w.grad is None:
+                w.grad = None
+            else:
+                w.grad.zero_()
 
     @torch.no_grad()
     def step(self) -> None:

@@ -44,7 +44,7 @@ COMPILE_BACKEND = "inductor"
 # a small one to see the compiled graph split at each bucket.
 DDP_BUCKET_CAP_MB: float | None = None
 # No buffer broadcast before each forward: BN statistics are shared before each evaluation
-# (World.share_buffers). torch 2.14 renamed the flag; torch >= 2.5 is supported.
+# (World.share_buffers). torch 2.14 renamed the flag; torch >= 2.9 is supported.
 NO_BUFFER_SYNC = (
     {"forward_sync_buffers": False}
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters

@@ -279,6 +279,11 @@ def test_muon_takes_the_pointwise_weights_as_matrices_and_sgd_the_rest():
         step /= lr * max(1, rows / cols) ** 0.5  # torch's "original" LR adjustment
         sv = torch.linalg.svdvals(step)[:4]
         assert sv.min() > 0.5 and sv.max() < 1.3, (w.shape, sv)
+    # zero_grad clears the 4-D weights' gradients too, as asked: zeroed or dropped.
+    run.optimizer.zero_grad(set_to_none=False)
+    assert all(w.grad is not None and not w.grad.any() for w in pointwise)
+    run.optimizer.zero_grad()
+    assert all(w.grad is None for w in pointwise)
 
 
 def test_bn_momentum_reaches_every_batch_norm():
