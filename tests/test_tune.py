@@ -109,7 +109,18 @@ def test_study_writes_best_config_tables_and_plots(tmp_path, inputs, capsys, mon
     assert "use another --study" in capsys.readouterr().err
 
 
-def test_the_accuracy_objective_scores_the_final_accuracy_of_fixed_epochs(tmp_path, inputs, capsys):
+def test_the_accuracy_objective_scores_the_final_accuracy_of_fixed_epochs(
+    tmp_path, inputs, capsys, monkeypatch
+):
+    import fastmbv1.tune
+
+    real_open, pruners = fastmbv1.tune.open_study, []
+
+    def open_study(name, storage, goal, pruner, *args):
+        pruners.append(pruner)
+        return real_open(name, storage, goal, pruner, *args)
+
+    monkeypatch.setattr(fastmbv1.tune, "open_study", open_study)
     args = tune_args(tmp_path, *inputs)
     i = args.index("--target-acc")
     args[i : i + 2] = ["--objective", "accuracy", "--epochs", "2"]
@@ -121,6 +132,10 @@ def test_the_accuracy_objective_scores_the_final_accuracy_of_fixed_epochs(tmp_pa
         summary = json.loads((out / f"trial-{trial.number:04d}" / "summary.json").read_text())
         assert summary["epochs_done"] == 2 and summary["stopped_by"] == "epochs"
         assert trial.value == pytest.approx(100.0 - summary["final_test_acc"])
+        # Evaluated once, at the end; never pruned on a mid-run accuracy.
+        metrics = (out / f"trial-{trial.number:04d}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["test_acc"] is None for line in metrics] == [True, False]
+    assert isinstance(pruners[0], optuna.pruners.NopPruner)
     best = study.best_trial
     assert f"{100 - best.value:.2f} % after 2 epochs" in (out / "best.toml").read_text()
     # A time study's flags cannot reuse the study, and the objective needs its epochs.
@@ -133,6 +148,19 @@ def test_the_accuracy_objective_scores_the_final_accuracy_of_fixed_epochs(tmp_pa
     (tmp_path / "space.toml").write_text(space)
     assert main(args) == 2
     assert "give --epochs N" in capsys.readouterr().err
+
+
+def test_a_fresh_study_first_runs_the_recipe_it_starts_from(tmp_path, inputs, capsys):
+    data, space = inputs
+    # The cpu preset trains at batch 128 and LR 0.2: inside this space, so trial 0 is them.
+    space.write_text(SPACE.replace("choices = [32, 64]", "choices = [32, 128]"))
+    args = tune_args(tmp_path, data, space)
+    args[args.index("--trials") + 1] = "2"
+    assert main(args) == 0
+    first, second = load(tmp_path).trials
+    assert first.params == {"lr": 0.2, "batch_size": 128}
+    assert second.params != first.params
+    assert "trial 0 is the recipe the study starts from" in capsys.readouterr().out
 
 
 def test_an_accuracy_trial_its_budget_cuts_short_fails(tmp_path, inputs):
@@ -219,7 +247,7 @@ def test_train_flags_reach_every_trial(tmp_path, inputs):
         (["--batch-size", "32"], "--batch-size 32 conflicts with the space file"),
         (["--space", None, "--width", "0.5"], "--width 0.5 conflicts with the default space"),
         (["--budget", "5"], "--budget: each trial's budget is --trial-budget"),
-        (["--eval-every", "2"], "--eval-every: trials evaluate every epoch"),
+        (["--eval-every", "2"], "--eval-every: the tuner sets when trials evaluate"),
         (["--target-acc", None], "fastmbv1 tune needs --target-acc"),
         (["--target-acc", "101"], "--target-acc is a percentage in (0, 100]"),
     ],

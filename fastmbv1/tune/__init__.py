@@ -37,7 +37,8 @@ from fastmbv1.tune.study import GRACE_S, PerTrialSeed, fail_orphans, open_study
 # Config fields a trial takes from the tuner, so their flags are refused, with the reason.
 REFUSED_FLAGS = {
     "budget": "each trial's budget is --trial-budget",
-    "eval_every": "trials evaluate every epoch: the score and the pruner need each accuracy",
+    "eval_every": "the tuner sets when trials evaluate: every epoch for the time objective, "
+    "after the last for the accuracy objective",
 }
 
 
@@ -82,6 +83,8 @@ def tune(
             space = Space(kept, space.fixed)
     if accuracy and "epochs" in space.params:
         raise UserError("--objective accuracy: the space must not search epochs")
+    if accuracy:  # scored on the final model only, and never pruned (see objective.py)
+        settings["eval_every"] = base.epochs
     where = f"space file {space_file}" if space_file else "default space"
     for name, value in overrides.items():
         if name in space.params:
@@ -97,7 +100,7 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if accuracy:
         goal = {"objective": "accuracy", "epochs": base.epochs, "trial_budget": trial_budget}
-        pruner = median_pruner(steps=base.epochs)
+        pruner = optuna.pruners.NopPruner()
     else:
         goal = {"target_acc": base.target_acc, "trial_budget": trial_budget}
         pruner = median_pruner()
@@ -105,6 +108,12 @@ def tune(
     for n in fail_orphans(study):
         print(f"trial {n} was interrupted (its process is gone): marked failed", flush=True)
 
+    # A fresh study first runs the recipe it starts from, so its table says what the search
+    # gained over it, measured the same way on the same machine.
+    start = space.values_of(base)
+    if start is not None and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(start)
+        print("trial 0 is the recipe the study starts from: its values of the searched fields")
     finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished_states))
     # A third of the trials (at most Optuna's usual 10) explore at random before TPE steers.

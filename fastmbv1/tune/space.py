@@ -68,6 +68,19 @@ class Space:
                 values[name] = trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
         return values
 
+    def values_of(self, cfg: Any) -> dict[str, Any] | None:
+        """``cfg``'s value for every searched field, or None where one lies outside the space
+        (optuna would still run it, but warn and record what it cannot draw)."""
+        values = {name: getattr(cfg, name) for name in self.params}
+        for name, d in self.params.items():
+            v = values[name]
+            if isinstance(d, CategoricalDistribution):
+                if v not in d.choices:
+                    return None
+            elif v is None or not d.low <= v <= d.high:
+                return None
+        return values
+
 
 def extremes(d: BaseDistribution) -> tuple:
     """The values that bound what ``d`` can draw: its choices, or its range's two ends."""
