@@ -35,8 +35,8 @@ TUNE_DESCRIPTION = """\
 Let Optuna search training recipes for the shortest training time to --target-acc, or with
 --objective accuracy for the best test accuracy after --epochs N (a score that the machine's
 speed that minute does not change). Each trial is a fastmbv1 train run in OUT/trial-NNNN
-with --budget = --trial-budget and an evaluation every epoch; the trial table, best.toml
-and plots are written to --out.
+with --budget = --trial-budget and an evaluation every epoch (after the last with --objective
+accuracy); the trial table, best.toml and plots are written to --out.
 
 Every fastmbv1 train flag fixes that setting for all trials, over the space's [fixed] table
 and --config; a flag for a field the space searches is an error. --budget and --eval-every

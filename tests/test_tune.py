@@ -157,10 +157,41 @@ def test_a_fresh_study_first_runs_the_recipe_it_starts_from(tmp_path, inputs, ca
     args = tune_args(tmp_path, data, space)
     args[args.index("--trials") + 1] = "2"
     assert main(args) == 0
-    first, second = load(tmp_path).trials
+    first, _ = load(tmp_path).trials
     assert first.params == {"lr": 0.2, "batch_size": 128}
-    assert second.params != first.params
     assert "trial 0 is the recipe the study starts from" in capsys.readouterr().out
+    # The default 128 is no choice of the first space: trial 0 is a draw, and it says why.
+    args[args.index("--out") + 1] = str(tmp_path / "other")
+    args[args.index("--trials") + 1] = "1"
+    space.write_text(SPACE)
+    assert main(args) == 0
+    assert "starting recipe's batch_size (128, None is auto) is not in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "distribution, value, inside",
+    [
+        (optuna.distributions.FloatDistribution(0.1, 0.5, step=0.1), 0.3, True),
+        (optuna.distributions.FloatDistribution(0.1, 0.5, step=0.1), 0.25, False),  # off step
+        (optuna.distributions.FloatDistribution(0.1, 0.5, log=True), 0.6, False),
+        (optuna.distributions.IntDistribution(1, 9, step=2), 4, False),
+        (optuna.distributions.CategoricalDistribution((128, 256)), 64, False),
+        (optuna.distributions.FloatDistribution(0.1, 0.5), None, False),  # auto
+    ],
+)
+def test_a_starting_value_the_space_cannot_draw_is_named(distribution, value, inside):
+    from fastmbv1.tune.space import Space
+
+    assert Space({"x": distribution}).outside({"x": value}) == (None if inside else "x")
+
+
+def test_an_epoch_the_budget_cut_is_not_a_finished_epoch():
+    from fastmbv1.tune.objective import EpochReporter
+
+    reporter = EpochReporter()
+    reporter({"epoch": 4, "test_acc": 60.0, "complete": True})
+    reporter({"epoch": 5, "test_acc": 61.0, "complete": False})
+    assert (reporter.done, reporter.acc) == (4, 61.0)  # so a 5-epoch trial fails
 
 
 def test_an_accuracy_trial_its_budget_cuts_short_fails(tmp_path, inputs):

@@ -1,7 +1,8 @@
 """``fastmbv1 tune``: let Optuna search training recipes for the shortest time to an accuracy.
 
 Each trial is one real ``train`` run (its own ``OUT/trial-NNNN``) with ``budget`` = the trial
-budget, ``target_acc`` = the target (it stops there) and an evaluation every epoch; its score
+budget, ``target_acc`` = the target (it stops there) and an evaluation every epoch (after
+the last for the accuracy objective); its score
 and pruning are in ``objective``, the searched fields in ``space``. The study lives in an
 Optuna storage (``study``); ``--trials N`` counts finished (complete or pruned) trials of the
 study, so running the same command again after an interruption runs only the rest. The
@@ -110,10 +111,17 @@ def tune(
 
     # A fresh study first runs the recipe it starts from, so its table says what the search
     # gained over it, measured the same way on the same machine.
-    start = space.values_of(base)
-    if start is not None and not study.get_trials(deepcopy=False):
-        study.enqueue_trial(start)
-        print("trial 0 is the recipe the study starts from: its values of the searched fields")
+    start = {name: getattr(base, name) for name in space.params}
+    if not study.get_trials(deepcopy=False):
+        bad = space.outside(start)
+        if bad is None:
+            # Workers that start a study together may each run it once: skip_if_exists only
+            # narrows that window.
+            study.enqueue_trial(start, skip_if_exists=True)
+            print("trial 0 is the recipe the study starts from: its values of the searched fields")
+        else:
+            print(f"trial 0 is a draw: the starting recipe's {bad} ({start[bad]}, None is "
+                  "auto) is not in the space")  # fmt: skip
     finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished_states))
     # A third of the trials (at most Optuna's usual 10) explore at random before TPE steers.

@@ -103,12 +103,14 @@ class EpochReporter:
         self.acc = self.best = 0.0
         self.reached_s: float | None = None  # the time objective's; shown as empty
         self.pruned = False
-        self.done = 0  # epochs trained by the last evaluation
+        self.done = 0  # whole epochs trained by the last evaluation
 
     def __call__(self, record: dict) -> bool:
         if record["test_acc"] is not None:
-            self.done, self.acc = record["epoch"], record["test_acc"]
+            self.acc = record["test_acc"]
             self.best = max(self.best, self.acc)
+            # An epoch the budget cut is evaluated too, but it is not the recipe's score.
+            self.done = record["epoch"] if record["complete"] else record["epoch"] - 1
         return False
 
 

@@ -68,18 +68,18 @@ class Space:
                 values[name] = trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
         return values
 
-    def values_of(self, cfg: Any) -> dict[str, Any] | None:
-        """``cfg``'s value for every searched field, or None where one lies outside the space
-        (optuna would still run it, but warn and record what it cannot draw)."""
-        values = {name: getattr(cfg, name) for name in self.params}
+    def outside(self, values: dict[str, Any]) -> str | None:
+        """The first searched field whose value the space cannot draw (out of range, off
+        its step, not a choice, or None: auto), else None. Optuna would run such a value
+        as a fixed parameter, but warn, and record what its sampler cannot reproduce."""
         for name, d in self.params.items():
-            v = values[name]
-            if isinstance(d, CategoricalDistribution):
-                if v not in d.choices:
-                    return None
-            elif v is None or not d.low <= v <= d.high:
-                return None
-        return values
+            try:
+                # What Optuna itself checks fixed parameters with.
+                if not d._contains(d.to_internal_repr(values[name])):
+                    return name
+            except (ValueError, TypeError):
+                return name
+        return None
 
 
 def extremes(d: BaseDistribution) -> tuple:
