@@ -71,17 +71,24 @@ def load(tmp_path) -> optuna.Study:
     return optuna.load_study(study_name="fastmbv1", storage=storage)
 
 
-def test_study_writes_best_config_tables_and_plots(tmp_path, inputs, capsys, monkeypatch):
+@pytest.fixture
+def pruners(monkeypatch) -> list:
+    """The pruner of every study fastmbv1 tune opens, in order."""
     import fastmbv1.tune
-    from fastmbv1.tune.objective import median_pruner
 
-    real_open, pruners = fastmbv1.tune.open_study, []
+    real_open, opened = fastmbv1.tune.open_study, []
 
     def open_study(name, storage, goal, pruner, *args):
-        pruners.append(pruner)
+        opened.append(pruner)
         return real_open(name, storage, goal, pruner, *args)
 
     monkeypatch.setattr(fastmbv1.tune, "open_study", open_study)
+    return opened
+
+
+def test_study_writes_best_config_tables_and_plots(tmp_path, inputs, capsys, pruners):
+    from fastmbv1.tune.objective import median_pruner
+
     assert main(tune_args(tmp_path, *inputs)) == 0
     assert vars(pruners[0]) == vars(median_pruner())  # the one the pruning test checks
     out = tmp_path / "out"
@@ -110,17 +117,8 @@ def test_study_writes_best_config_tables_and_plots(tmp_path, inputs, capsys, mon
 
 
 def test_the_accuracy_objective_scores_the_final_accuracy_of_fixed_epochs(
-    tmp_path, inputs, capsys, monkeypatch
+    tmp_path, inputs, capsys, pruners
 ):
-    import fastmbv1.tune
-
-    real_open, pruners = fastmbv1.tune.open_study, []
-
-    def open_study(name, storage, goal, pruner, *args):
-        pruners.append(pruner)
-        return real_open(name, storage, goal, pruner, *args)
-
-    monkeypatch.setattr(fastmbv1.tune, "open_study", open_study)
     args = tune_args(tmp_path, *inputs)
     i = args.index("--target-acc")
     args[i : i + 2] = ["--objective", "accuracy", "--epochs", "2"]

@@ -2,8 +2,8 @@
 
 Each trial is one real ``train`` run (its own ``OUT/trial-NNNN``) with ``budget`` = the trial
 budget, ``target_acc`` = the target (it stops there) and an evaluation every epoch (after
-the last for the accuracy objective); its score
-and pruning are in ``objective``, the searched fields in ``space``. The study lives in an
+the last for the accuracy objective); its score and pruning are in ``objective``, the
+searched fields in ``space``. The study lives in an
 Optuna storage (``study``); ``--trials N`` counts finished (complete or pruned) trials of the
 study, so running the same command again after an interruption runs only the rest. The
 reports (``report``) are written when it ends.
@@ -111,8 +111,8 @@ def tune(
 
     # A fresh study first runs the recipe it starts from, so its table says what the search
     # gained over it, measured the same way on the same machine.
-    start = {name: getattr(base, name) for name in space.params}
     if not study.get_trials(deepcopy=False):
+        start = {name: getattr(base, name) for name in space.params}
         bad = space.outside(start)
         if bad is None:
             # Workers that start a study together may each run it once: skip_if_exists only
