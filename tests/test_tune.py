@@ -58,6 +58,14 @@ def tune_args(tmp_path, data, space) -> list[str]:
     ]  # fmt: skip
 
 
+def accuracy_args(tmp_path, data, space, epochs: int) -> list[str]:
+    """``tune_args`` for the accuracy objective after ``epochs`` epochs."""
+    args = tune_args(tmp_path, data, space)
+    i = args.index("--target-acc")
+    args[i : i + 2] = ["--objective", "accuracy", "--epochs", str(epochs)]
+    return args
+
+
 def exit_status(argv: list[str]) -> int:
     """What the command exits with: main's return value, or argparse's own SystemExit."""
     try:
@@ -119,9 +127,7 @@ def test_study_writes_best_config_tables_and_plots(tmp_path, inputs, capsys, pru
 def test_the_accuracy_objective_scores_the_final_accuracy_of_fixed_epochs(
     tmp_path, inputs, capsys, pruners
 ):
-    args = tune_args(tmp_path, *inputs)
-    i = args.index("--target-acc")
-    args[i : i + 2] = ["--objective", "accuracy", "--epochs", "2"]
+    args = accuracy_args(tmp_path, *inputs, epochs=2)
     args[args.index("--trial-budget") + 1] = "60"
     args[args.index("--trials") + 1] = "2"
     assert main(args) == 0
@@ -146,6 +152,20 @@ def test_the_accuracy_objective_scores_the_final_accuracy_of_fixed_epochs(
     (tmp_path / "space.toml").write_text(space)
     assert main(args) == 2
     assert "give --epochs N" in capsys.readouterr().err
+
+
+def test_an_accuracy_study_from_before_final_scoring_is_refused(tmp_path, inputs, capsys):
+    # Such a study (every epoch evaluated, trials pruned on it) holds scores of another kind.
+    (tmp_path / "out").mkdir()
+    storage = f"sqlite:///{(tmp_path / 'out' / 'tune.db').as_posix()}"
+    old = optuna.create_study(study_name="fastmbv1", storage=storage)
+    old.set_user_attr("fastmbv1", {"objective": "accuracy", "epochs": 2, "trial_budget": 60.0})
+    args = accuracy_args(tmp_path, *inputs, epochs=2)
+    args[args.index("--trial-budget") + 1] = "60"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "an earlier fastmbv1" in err and len(err.strip().splitlines()) == 1
+    assert load(tmp_path).trials == []
 
 
 def test_a_fresh_study_first_runs_the_recipe_it_starts_from(tmp_path, inputs, capsys):
@@ -193,9 +213,7 @@ def test_an_epoch_the_budget_cut_is_not_a_finished_epoch():
 
 
 def test_an_accuracy_trial_its_budget_cuts_short_fails(tmp_path, inputs):
-    args = tune_args(tmp_path, *inputs)
-    i = args.index("--target-acc")
-    args[i : i + 2] = ["--objective", "accuracy", "--epochs", "30"]
+    args = accuracy_args(tmp_path, *inputs, epochs=30)
     args[args.index("--trials") + 1] = "1"
     assert main(args) == 0
     (trial,) = load(tmp_path).trials

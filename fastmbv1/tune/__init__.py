@@ -100,7 +100,14 @@ def tune(
     storage = storage or f"sqlite:///{(root / 'tune.db').as_posix()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if accuracy:
-        goal = {"objective": "accuracy", "epochs": base.epochs, "trial_budget": trial_budget}
+        # "scored" marks the rules, so that a study from before them (every epoch evaluated,
+        # trials pruned on it) is refused instead of mixing two kinds of score.
+        goal = {
+            "objective": "accuracy",
+            "epochs": base.epochs,
+            "trial_budget": trial_budget,
+            "scored": "last epoch",
+        }
         pruner = optuna.pruners.NopPruner()
     else:
         goal = {"target_acc": base.target_acc, "trial_budget": trial_budget}

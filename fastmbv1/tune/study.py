@@ -113,16 +113,18 @@ def open_study(
         study.set_user_attr("fastmbv1", goal)
     elif stored != goal:
         # Objective values of different objectives, targets or budgets cannot be compared.
-        raise UserError(
-            f"study {name!r} was created with {describe(stored)}; use another --study for "
-            "other values"
-        )
+        raise UserError(f"study {name!r} was created with {describe(stored)}; use another --study")
     return study
 
 
 def describe(goal: dict[str, Any]) -> str:
     """A study's goal as the flags that set it."""
     objective = goal.get("objective", "time")
+    if objective == "accuracy" and "scored" not in goal:
+        return (
+            "an earlier fastmbv1, whose accuracy trials were evaluated every epoch and pruned "
+            "(their scores do not compare with today's)"
+        )
     what = (
         f"--epochs {goal['epochs']}" if "epochs" in goal else f"--target-acc {goal['target_acc']}"
     )
