@@ -35,7 +35,9 @@ class TrainConfig:
     preset: str = opt(
         "auto", "recipe: auto (fast on a CUDA GPU, else cpu), fast, cpu, baseline or custom"
     )
-    model: str = opt("mobilenet_v1", "network, by registry name")
+    model: str = opt(
+        "auto", "network, by registry name; auto: chosen with the width and epochs (plan.py)"
+    )
     width: float | None = opt(
         1.0, "width multiplier for every layer's channels; auto: chosen with the epochs (plan.py)"
     )
@@ -161,8 +163,8 @@ class TrainConfig:
                 raise UserError(what)
 
         need(
-            self.model in MODELS,
-            f"unknown model {self.model!r}; choose from {', '.join(sorted(MODELS))}",
+            self.model == "auto" or self.model in MODELS,
+            f"unknown model {self.model!r}; choose from auto, {', '.join(sorted(MODELS))}",
         )
         for name in ("width", "budget", "lr", "bias_lr", "rank_timeout"):
             value = getattr(self, name)
@@ -230,7 +232,7 @@ class TrainConfig:
 # Presets are data: field overrides on top of the dataclass defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     # GPU-oriented default: Nesterov SGD, OneCycle, label smoothing, big batches.
-    "fast": {},
+    "fast": {"model": "mobilenet_v1"},
     # The same recipe sized for a 2-core CPU and minutes: half or quarter width and as many
     # epochs as the budget fits at the speed measured at start (fit.py), smaller batches for
     # more steps in the few epochs that fit. Pointwise convs start as the identity: +4.0
@@ -383,12 +385,16 @@ WHY = "why"
 # epochs of it 85.66 % against 83.78 for 24 of quarter width; 8 of it 84.44 against about
 # 83.3 for the 19 that take as long (between the 12 and 24 measured).
 WIDTHS = (0.5, 0.25)
+# The network of a run that leaves --model as auto, unless the budget fits enough epochs of a
+# bigger one (fastmbv1.plan.SIZES).
+DEFAULT_MODEL = "mobilenet_v1"
 
 
 def narrowest(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with an automatic width set to the narrowest choice, for a run whose epochs
-    are given (nothing to weigh the width against) and for benches that time a preset."""
-    return cfg if cfg.width is not None else replace(cfg, width=WIDTHS[-1])
+    """``cfg`` with an automatic model and width set to the smallest choice, for a run whose
+    epochs are given (nothing to weigh them against) and for benches that time a preset."""
+    model = DEFAULT_MODEL if cfg.model == "auto" else cfg.model
+    return replace(cfg, model=model, width=WIDTHS[-1] if cfg.width is None else cfg.width)
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

@@ -26,7 +26,7 @@ import torch
 from fastmbv1 import config
 from fastmbv1.clock import SAVE_RESERVE_S
 from fastmbv1.compile_cache import read_record, setting_key
-from fastmbv1.config import WIDTHS, TrainConfig, narrowest
+from fastmbv1.config import DEFAULT_MODEL, WIDTHS, TrainConfig, narrowest
 from fastmbv1.data import RunData, run_pipelines
 from fastmbv1.distributed import World, split_batch
 from fastmbv1.errors import UserError
@@ -48,6 +48,16 @@ COLD_COMPILE_GUESS_S = 60.0
 # (bench/results/ab-cpu-recipe.md), which puts the crossover near 3 epochs if it goes on
 # so; 6 keeps a margin.
 MIN_EPOCHS = 6
+# A run that leaves both --model and --width open takes the first of these (network, width,
+# fewest epochs it must fit) that fits its epochs. The original CustomMobileNet at full width
+# trained 29 epochs in an hour at 451 img/s to 92.23 %, against 89.37 % for 63 epochs
+# of half-width MobileNetV1 (bench/results/train-custom-3600-amd-epyc-2-cores/). Fewer epochs
+# of it are not measured: 24 still takes it on a machine a fifth slower than that day's,
+# where the 2.9 points it won by are unlikely to be made up by half width's extra epochs.
+SIZES = (
+    ("custom_mobilenet", 1.0, 24),
+    *((DEFAULT_MODEL, width, MIN_EPOCHS) for width in WIDTHS),
+)
 
 
 def auto_preset(device: str) -> str:
@@ -138,28 +148,44 @@ def resolve(
         why["cuda_graphs"] = (
             f"off: {no_graphs}" if no_graphs else "on: launched op by op the step is launch-bound"
         )
-    if cfg.width is None and cfg.epochs is not None:
-        filled["width"] = narrowest(cfg).width
-        why["width"] = f"{filled['width']:g}: --epochs is given, so the budget does not choose it"
+    if cfg.epochs is not None:
+        smallest = narrowest(cfg)
+        for name in ("model", "width"):
+            value = getattr(smallest, name)
+            if getattr(cfg, name) != value:
+                filled[name] = value
+                why[name] = f"{value:g}" if name == "width" else value
+                why[name] += ": --epochs is given, so the budget does not choose it"
     return replace(cfg, **filled), why
+
+
+def sizes(cfg: TrainConfig) -> list[tuple[str, float, int]]:
+    """The (network, width, fewest epochs) the budget chooses from for ``cfg``, in order."""
+    if cfg.model == "auto" and cfg.width is None:
+        return list(SIZES)
+    model = DEFAULT_MODEL if cfg.model == "auto" else cfg.model
+    return [(model, width, MIN_EPOCHS) for width in (WIDTHS if cfg.width is None else (cfg.width,))]
 
 
 def fit_epochs(
     cfg: TrainConfig, device: torch.device, world: World, start: float, steps: int, n_test: int
 ) -> tuple[TrainConfig, dict[str, str]]:
-    """``cfg`` with ``epochs`` (and an automatic ``width``) set to what fits into what is left
-    of the budget, and why, by field. Used when ``--epochs`` is not given (the ``cpu``
-    preset's default), which also lets the width follow the budget when ``--width`` is not.
+    """``cfg`` with ``epochs`` (and an automatic ``model`` and ``width``) set to what fits into
+    what is left of the budget, and why, by field. Used when ``--epochs`` is not given (the
+    ``cpu`` preset's default), which also lets the network's size follow the budget when
+    ``--model`` or ``--width`` is left open (``sizes``).
 
     ``start``: when the run's clock started (``time.perf_counter``); ``steps``: training steps
     per epoch; ``n_test``: test images (the final evaluation must fit too).
     """
-    widths = WIDTHS if cfg.width is None else (cfg.width,)
-    tried = []
-    for width in widths:
-        per_rank = replace(cfg, width=width, batch_size=split_batch(cfg.batch_size, world))
+    choices, tried = sizes(cfg), []
+    for model, width, fewest in choices:
+        size = f"{model} at width {width:g}"
+        per_rank = replace(
+            cfg, model=model, width=width, batch_size=split_batch(cfg.batch_size, world)
+        )
         speed = measure_step(per_rank, device, steps=TIMED_STEPS, warmup=1)["images_per_s"]
-        # Every rank must choose the same width and epochs: they agree on the slowest rank's
+        # Every rank must choose the same size and epochs: they agree on the slowest rank's
         # speed and the time the latest one has used, and all compute the same from those.
         slowest, used = world.max_over_ranks(-speed, time.perf_counter() - start)
         speed = -slowest * world.size
@@ -167,21 +193,20 @@ def fit_epochs(
         epoch_s = steps * cfg.batch_size / speed * (1 + EPOCH_OVERHEAD)
         left_s = cfg.budget - used
         fits = (left_s - final_eval - SAVE_RESERVE_S) / epoch_s
-        tried.append(f"{fits:.1f} epochs at width {width:g}")
-        if fits >= MIN_EPOCHS:
+        tried.append(f"{fits:.1f} epochs of {size} (needs {fewest})")
+        if fits >= fewest:
             break
     epochs = max(1, round(fits))
     why = {
         "epochs": f"{epochs}: measured {speed:,.0f} images/s on a random batch; the "
-        f"{left_s:.0f} s left of --budget {cfg.budget:g} fit about {fits:.1f} epochs at "
-        f"width {width:g}"
+        f"{left_s:.0f} s left of --budget {cfg.budget:g} fit about {fits:.1f} epochs of {size}"
     }
+    chosen = f"the first that fits the epochs it needs, else the last; {', '.join(tried)}"
+    if cfg.model == "auto":
+        why["model"] = f"{model}: " + (chosen if len(choices) > 1 else "the default network")
     if cfg.width is None:
-        why["width"] = (
-            f"{width:g}: the widest of {', '.join(map(str, WIDTHS))} that fits {MIN_EPOCHS} "
-            f"epochs, else the narrowest; the budget fits {', '.join(tried)}"
-        )
-    return replace(cfg, width=width, epochs=epochs), why
+        why["width"] = f"{width:g}: {chosen}"
+    return replace(cfg, model=model, width=width, epochs=epochs), why
 
 
 @dataclass

@@ -106,9 +106,9 @@ def build_run(
     """
     world = world or World()
     if model is None:
-        name = cfg.model
-        # A width the budget has not chosen (a preset built without a run) is the narrowest.
-        width = narrowest(cfg).width
+        # A size the budget has not chosen (a preset built without a run) is the smallest.
+        smallest = narrowest(cfg)
+        name, width = smallest.model, smallest.width
         kwargs = dict(
             width=width,
             normalize=cfg.normalize,

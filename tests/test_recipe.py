@@ -111,38 +111,49 @@ def test_fit_counts_what_is_left_of_the_budget(monkeypatch):
     assert full.width == late.width == 0.25
 
 
-def test_the_budget_picks_the_widest_width_that_fits_enough_epochs(monkeypatch):
+def test_the_budget_picks_the_biggest_network_that_fits_enough_epochs(monkeypatch):
     from fastmbv1.distributed import World
 
     timed = []
+    # Half width at 40 % of quarter width's speed, CustomMobileNet at 40 % of half width's.
+    speeds = {("custom_mobilenet", 1.0): 160.0, ("mobilenet_v1", 0.5): 400.0}
 
-    def measure_step(cfg, device, **kw):  # half width at 40 % of quarter width's speed
-        timed.append(cfg.width)
-        return {"images_per_s": 400.0 if cfg.width == 0.5 else 1000.0}
+    def measure_step(cfg, device, **kw):
+        timed.append((cfg.model, cfg.width))
+        return {"images_per_s": speeds.get((cfg.model, cfg.width), 1000.0)}
 
     monkeypatch.setattr("fastmbv1.plan.measure_step", measure_step)
     cfg = make_config({"preset": "cpu", "tta": False})
-    assert cfg.width is None and cfg.epochs is None
+    assert cfg.model == "auto" and cfg.width is None and cfg.epochs is None
     now = plan.time.perf_counter()
+    custom, half, quarter = ("custom_mobilenet", 1.0), ("mobilenet_v1", 0.5), ("mobilenet_v1", 0.25)
 
-    def fitted(budget: float) -> TrainConfig:
+    def fitted(budget: float, **fields) -> TrainConfig:
         timed.clear()
         out, why = plan.fit_epochs(
-            replace(cfg, budget=budget), torch.device("cpu"), World(), now, 50, 10_000
+            replace(cfg, budget=budget, **fields), torch.device("cpu"), World(), now, 50, 10_000
         )
+        assert f"{out.model} at width {out.width:g}" in why["epochs"]
         assert why["width"].startswith(f"{out.width:g}:")
-        assert f"width {out.width:g}" in why["epochs"]
+        assert why.get("model", out.model).startswith(out.model)
         return out
 
-    # 16.8 s an epoch at half width: 600 s fit 35 of them; 100 s only 5, so quarter width.
-    assert (fitted(600.0).width, timed) == (0.5, [0.5])
+    # An epoch takes 42 s of CustomMobileNet, 16.8 s at half width, 6.72 s at quarter width.
+    big = fitted(1200.0)
+    assert ((big.model, big.width), timed, big.epochs) == (custom, [custom], 28)
+    assert (fitted(600.0).width, timed) == (0.5, [custom, half])  # 14 of custom: too few
     small = fitted(100.0)
-    assert (small.width, timed) == (0.25, [0.5, 0.25]) and small.epochs == 14
-    # Given epochs leave nothing to weigh the width against: the narrowest, and why.
+    assert (small.width, timed) == (0.25, [custom, half, quarter]) and small.epochs == 14
+    # A network the user names keeps its name; the budget then weighs only its widths.
+    named = fitted(1200.0, model="mobilenet_v1")
+    assert (named.model, named.width, timed) == ("mobilenet_v1", 0.5, [half])
+    # Given epochs leave nothing to weigh the size against: the smallest, and why.
     given, why = resolve(make_config({"preset": "cpu", "epochs": 5}), torch.device("cpu"))
-    assert given.width == 0.25 and "--epochs" in why["width"]
-    # The bench times a preset as a run would start it, at the narrowest automatic width.
-    assert narrowest(cfg).width == 0.25 and narrowest(replace(cfg, width=1.0)).width == 1.0
+    assert (given.model, given.width) == ("mobilenet_v1", 0.25)
+    assert "--epochs" in why["width"] and "--epochs" in why["model"]
+    # The bench times a preset as a run would start it, at the smallest automatic size.
+    assert (narrowest(cfg).model, narrowest(cfg).width) == ("mobilenet_v1", 0.25)
+    assert narrowest(replace(cfg, width=1.0)).width == 1.0
 
 
 def test_evaluations_stay_within_two_percent_of_the_time_and_the_last_is_always_made():
