@@ -36,7 +36,7 @@ class TrainConfig:
         "auto", "recipe: auto (fast on a CUDA GPU, else cpu), fast, cpu, baseline or custom"
     )
     model: str = opt(
-        "auto", "network, by registry name; auto: chosen with the width and epochs (plan.py)"
+        "auto", "network, by registry name; auto: the budget chooses it, with the width (plan.py)"
     )
     width: float | None = opt(
         1.0, "width multiplier for every layer's channels; auto: chosen with the epochs (plan.py)"
@@ -233,10 +233,11 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # GPU-oriented default: Nesterov SGD, OneCycle, label smoothing, big batches.
     "fast": {"model": "mobilenet_v1"},
-    # The same recipe sized for a 2-core CPU and minutes: half or quarter width and as many
-    # epochs as the budget fits at the speed measured at start (fit.py), smaller batches for
-    # more steps in the few epochs that fit. Pointwise convs start as the identity: +4.0
-    # points at width 0.25 in 5 epochs, two seeds each (bench/results/ab-cpu-recipe.md).
+    # The same recipe sized for a 2-core CPU and minutes: the network (CustomMobileNet for an
+    # hour, else half- or quarter-width MobileNetV1) and as many epochs as the budget fits at
+    # the speed measured at start (plan.py), smaller batches for more steps in the few epochs
+    # that fit. Pointwise convs start as the identity: +4.0 points at width 0.25 in 5 epochs,
+    # two seeds each (bench/results/ab-cpu-recipe.md).
     "cpu": {
         "width": None,
         "batch_size": 128,
@@ -366,6 +367,9 @@ def resumed_settings(run_dir: str | Path, overrides: dict[str, Any]) -> dict[str
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"--resume {run_dir}: unreadable config.json ({e})") from None
     stored.pop(WHY, None)
+    # "auto" (--model auto, --preset auto, a tune's best.toml) asks for what the run chose,
+    # which its config.json holds.
+    overrides = {name: value for name, value in overrides.items() if value != "auto"}
     for name, value in overrides.items():
         if name not in SAFE_ON_RESUME and value != stored.get(name):
             raise UserError(

@@ -237,8 +237,10 @@ def compile_by_budget(
     machine's record (``fastmbv1.compile_cache``) where runs have measured them; the eager
     step is otherwise timed now, and a compile never recorded here is assumed to take
     ``COLD_COMPILE_GUESS_S``. ``steps``: training steps per epoch."""
-    per_rank = replace(cfg, batch_size=split_batch(cfg.batch_size, world))
-    record = read_record(setting_key(cfg, device, per_rank.batch_size))
+    # A network the budget has yet to choose is timed as the smallest: a lower bound on the
+    # step, so on the saving too.
+    per_rank = replace(narrowest(cfg), batch_size=split_batch(cfg.batch_size, world))
+    record = read_record(setting_key(per_rank, device, per_rank.batch_size))
     if "warm_s" in record:
         expected, source = record["warm_s"], "as its last warm compile here"
     elif "cold_s" in record:

@@ -74,6 +74,9 @@ def test_auto_never_reaches_a_saved_config_and_resume_keeps_the_resolved_one(
     # The same run resumed on a machine where auto would now mean the GPU recipe.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resume_config(tmp_path / "run", {}).preset == "cpu"
+    # Flags that leave a choice to the run (a tune's best.toml holds model = "auto") resume it.
+    resumed = resume_config(run, {"preset": "auto", "model": "auto"})
+    assert (resumed.preset, resumed.model) == ("cpu", "mobilenet_v1")
 
 
 def test_epochs_fit_the_budget_at_the_measured_speed(tmp_path, data, monkeypatch, capsys):
@@ -134,7 +137,9 @@ def test_the_budget_picks_the_biggest_network_that_fits_enough_epochs(monkeypatc
             replace(cfg, budget=budget, **fields), torch.device("cpu"), World(), now, 50, 10_000
         )
         assert f"{out.model} at width {out.width:g}" in why["epochs"]
-        assert why["width"].startswith(f"{out.width:g}:")
+        assert why.get("width", f"{out.width:g}:").startswith(f"{out.width:g}:")
+        assert ("width" in why) == ("width" not in fields)
+        assert ("model" in why) == (cfg.model == "auto" and "model" not in fields)
         assert why.get("model", out.model).startswith(out.model)
         return out
 
@@ -147,6 +152,9 @@ def test_the_budget_picks_the_biggest_network_that_fits_enough_epochs(monkeypatc
     # A network the user names keeps its name; the budget then weighs only its widths.
     named = fitted(1200.0, model="mobilenet_v1")
     assert (named.model, named.width, timed) == ("mobilenet_v1", 0.5, [half])
+    # A width alone means MobileNetV1 at that width.
+    wide = fitted(1200.0, width=1.0)
+    assert (wide.model, wide.width, timed) == ("mobilenet_v1", 1.0, [("mobilenet_v1", 1.0)])
     # Given epochs leave nothing to weigh the size against: the smallest, and why.
     given, why = resolve(make_config({"preset": "cpu", "epochs": 5}), torch.device("cpu"))
     assert (given.model, given.width) == ("mobilenet_v1", 0.25)
