@@ -163,7 +163,7 @@ def sizes(cfg: TrainConfig) -> list[tuple[str, float, int]]:
     """The (network, width, fewest epochs) the budget chooses from for ``cfg``, in order."""
     if cfg.model == "auto" and cfg.width is None:
         return list(SIZES)
-    model = DEFAULT_MODEL if cfg.model == "auto" else cfg.model
+    model = narrowest(cfg).model
     return [(model, width, MIN_EPOCHS) for width in (WIDTHS if cfg.width is None else (cfg.width,))]
 
 
