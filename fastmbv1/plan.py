@@ -54,9 +54,13 @@ MIN_EPOCHS = 6
 # of half-width MobileNetV1 (bench/results/train-custom-3600-amd-epyc-2-cores/). Fewer epochs
 # of it are not measured: 24 still takes it on a machine a fifth slower than that day's,
 # where the 2.9 points it won by are unlikely to be made up by half width's extra epochs.
+# At half width it steps as fast as MobileNetV1 and scored 0.59 points more in 8 epochs (two
+# seeds each); at quarter width it steps at 63 % of MobileNetV1's speed and scored 1.6 less
+# in 5 epochs (bench/results/ab-cpu-recipe.md), so MobileNetV1 keeps the smallest size.
 SIZES = (
     ("custom_mobilenet", 1.0, 24),
-    *((DEFAULT_MODEL, width, MIN_EPOCHS) for width in WIDTHS),
+    ("custom_mobilenet", WIDTHS[0], MIN_EPOCHS),
+    (DEFAULT_MODEL, WIDTHS[-1], MIN_EPOCHS),
 )
 
 
@@ -179,12 +183,16 @@ def fit_epochs(
     per epoch; ``n_test``: test images (the final evaluation must fit too).
     """
     choices, tried = sizes(cfg), []
-    for model, width, fewest in choices:
-        size = f"{model} at width {width:g}"
+
+    def rank_speed(model: str, width: float) -> float:
+        """This rank's images/s for the network at that width, timed on a random batch."""
         per_rank = replace(
             cfg, model=model, width=width, batch_size=split_batch(cfg.batch_size, world)
         )
-        speed = measure_step(per_rank, device, steps=TIMED_STEPS, warmup=1)["images_per_s"]
+        return measure_step(per_rank, device, steps=TIMED_STEPS, warmup=1)["images_per_s"]
+
+    def fit(speed: float) -> tuple[float, float, float]:
+        """(epochs that fit now, images/s of all ranks, seconds left) at a rank's speed."""
         # Every rank must choose the same size and epochs: they agree on the slowest rank's
         # speed and the time the latest one has used, and all compute the same from those.
         slowest, used = world.max_over_ranks(-speed, time.perf_counter() - start)
@@ -192,7 +200,19 @@ def fit_epochs(
         final_eval = n_test * EVAL_COST * cfg.eval_views / speed
         epoch_s = steps * cfg.batch_size / speed * (1 + EPOCH_OVERHEAD)
         left_s = cfg.budget - used
-        fits = (left_s - final_eval - SAVE_RESERVE_S) / epoch_s
+        return (left_s - final_eval - SAVE_RESERVE_S) / epoch_s, speed, left_s
+
+    # The smallest size is timed first. No other is faster, so a size that would not fit its
+    # epochs even at the smallest's speed is passed over without spending budget on timing it.
+    smallest_speed = rank_speed(*choices[-1][:2])
+    bound = fit(smallest_speed)[0]
+    for model, width, fewest in choices:
+        size = f"{model} at width {width:g}"
+        last = (model, width, fewest) == choices[-1]
+        if not last and bound < fewest:
+            tried.append(f"under {bound:.1f} epochs of {size} (needs {fewest}; not timed)")
+            continue
+        fits, speed, left_s = fit(smallest_speed if last else rank_speed(model, width))
         tried.append(f"{fits:.1f} epochs of {size} (needs {fewest})")
         if fits >= fewest:
             break

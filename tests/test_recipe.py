@@ -119,7 +119,8 @@ def test_the_budget_picks_the_biggest_network_that_fits_enough_epochs(monkeypatc
 
     timed = []
     # Half width at 40 % of quarter width's speed, CustomMobileNet at 40 % of half width's.
-    speeds = {("custom_mobilenet", 1.0): 160.0, ("mobilenet_v1", 0.5): 400.0}
+    speeds = {("custom_mobilenet", 1.0): 160.0, ("custom_mobilenet", 0.5): 400.0}
+    speeds[("mobilenet_v1", 0.5)] = 400.0
 
     def measure_step(cfg, device, **kw):
         timed.append((cfg.model, cfg.width))
@@ -129,7 +130,13 @@ def test_the_budget_picks_the_biggest_network_that_fits_enough_epochs(monkeypatc
     cfg = make_config({"preset": "cpu", "tta": False})
     assert cfg.model == "auto" and cfg.width is None and cfg.epochs is None
     now = plan.time.perf_counter()
-    custom, half, quarter = ("custom_mobilenet", 1.0), ("mobilenet_v1", 0.5), ("mobilenet_v1", 0.25)
+    custom, half, quarter = (
+        ("custom_mobilenet", 1.0),
+        ("custom_mobilenet", 0.5),
+        ("mobilenet_v1", 0.25),
+    )
+
+    said = {}
 
     def fitted(budget: float, **fields) -> TrainConfig:
         timed.clear()
@@ -141,17 +148,28 @@ def test_the_budget_picks_the_biggest_network_that_fits_enough_epochs(monkeypatc
         assert ("width" in why) == ("width" not in fields)
         assert ("model" in why) == (cfg.model == "auto" and "model" not in fields)
         assert why.get("model", out.model).startswith(out.model)
+        said.update(why)
         return out
 
     # An epoch takes 42 s of CustomMobileNet, 16.8 s at half width, 6.72 s at quarter width.
+    # The smallest is timed first, then the others in order while they could fit.
     big = fitted(1200.0)
-    assert ((big.model, big.width), timed, big.epochs) == (custom, [custom], 28)
-    assert (fitted(600.0).width, timed) == (0.5, [custom, half])  # 14 of custom: too few
+    assert ((big.model, big.width), timed, big.epochs) == (custom, [quarter, custom], 28)
+    mid = fitted(600.0)  # 14 of custom: too few
+    assert ((mid.model, mid.width), timed) == (half, [quarter, custom, half])
+    # 14 epochs at quarter width: CustomMobileNet cannot fit 24 even at that speed, untimed.
     small = fitted(100.0)
-    assert (small.width, timed) == (0.25, [custom, half, quarter]) and small.epochs == 14
+    assert ((small.model, small.width), timed, small.epochs) == (quarter, [quarter, half], 14)
+    assert "custom_mobilenet at width 1 (needs 24; not timed)" in said["model"]
+    tiny = fitted(40.0)
+    assert ((tiny.model, tiny.width), timed, tiny.epochs) == (quarter, [quarter], 5)
     # A network the user names keeps its name; the budget then weighs only its widths.
     named = fitted(1200.0, model="mobilenet_v1")
-    assert (named.model, named.width, timed) == ("mobilenet_v1", 0.5, [half])
+    assert (named.model, named.width, timed) == (
+        "mobilenet_v1",
+        0.5,
+        [quarter, ("mobilenet_v1", 0.5)],
+    )
     # A width alone means MobileNetV1 at that width.
     wide = fitted(1200.0, width=1.0)
     assert (wide.model, wide.width, timed) == ("mobilenet_v1", 1.0, [("mobilenet_v1", 1.0)])
