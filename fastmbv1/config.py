@@ -236,8 +236,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The same recipe sized for a 2-core CPU and minutes: the network (CustomMobileNet for an
     # hour, else half- or quarter-width MobileNetV1) and as many epochs as the budget fits at
     # the speed measured at start (plan.py), smaller batches for more steps in the few epochs
-    # that fit. Pointwise convs start as the identity: +4.0
-    # points at width 0.25 in 5 epochs, two seeds each (bench/results/ab-cpu-recipe.md).
+    # that fit. Pointwise convs start as the identity: +4.0 points at width 0.25 in 5 epochs,
+    # two seeds each (bench/results/ab-cpu-recipe.md).
     "cpu": {
         "width": None,
         "batch_size": 128,

@@ -58,6 +58,7 @@ MIN_EPOCHS = 6
 # (two seeds each) but trained 13 % slower, and in 600 s back to back it lost: 85.18 % in the
 # 8 epochs that fitted against 85.87 in 10. At quarter width it steps at 63 % of MobileNetV1's
 # speed and scored 1.6 points less in 5 epochs (bench/results/ab-cpu-recipe.md).
+# The last must be the fastest: fit_epochs times it first and bounds the others by it.
 SIZES = (
     ("custom_mobilenet", 1.0, 24),
     *((DEFAULT_MODEL, width, MIN_EPOCHS) for width in WIDTHS),
@@ -210,7 +211,7 @@ def fit_epochs(
         size = f"{model} at width {width:g}"
         last = (model, width, fewest) == choices[-1]
         if not last and bound < fewest:
-            tried.append(f"under {bound:.1f} epochs of {size} (needs {fewest}; not timed)")
+            tried.append(f"at most {bound:.1f} epochs of {size} (needs {fewest}; not timed)")
             continue
         fits, speed, left_s = fit(smallest_speed if last else rank_speed(model, width))
         tried.append(f"{fits:.1f} epochs of {size} (needs {fewest})")

@@ -121,22 +121,27 @@ def test_the_budget_picks_the_biggest_network_that_fits_enough_epochs(monkeypatc
     # Half width at 40 % of quarter width's speed, CustomMobileNet at 40 % of half width's.
     speeds = {("custom_mobilenet", 1.0): 160.0, ("mobilenet_v1", 0.5): 400.0}
 
+    clock = [0.0]
+
     def measure_step(cfg, device, **kw):
         timed.append((cfg.model, cfg.width))
+        clock[0] += 5.0  # each timing spends 5 s of the budget
         return {"images_per_s": speeds.get((cfg.model, cfg.width), 1000.0)}
 
     monkeypatch.setattr("fastmbv1.plan.measure_step", measure_step)
+    monkeypatch.setattr(plan.time, "perf_counter", lambda: clock[0])
     cfg = make_config({"preset": "cpu", "tta": False})
     assert cfg.model == "auto" and cfg.width is None and cfg.epochs is None
-    now = plan.time.perf_counter()
     custom, half, quarter = ("custom_mobilenet", 1.0), ("mobilenet_v1", 0.5), ("mobilenet_v1", 0.25)
 
     said = {}
 
     def fitted(budget: float, **fields) -> TrainConfig:
         timed.clear()
+        said.clear()
+        clock[0] = 0.0
         out, why = plan.fit_epochs(
-            replace(cfg, budget=budget, **fields), torch.device("cpu"), World(), now, 50, 10_000
+            replace(cfg, budget=budget, **fields), torch.device("cpu"), World(), 0.0, 50, 10_000
         )
         assert f"{out.model} at width {out.width:g}" in why["epochs"]
         assert why.get("width", f"{out.width:g}:").startswith(f"{out.width:g}:")
@@ -152,12 +157,16 @@ def test_the_budget_picks_the_biggest_network_that_fits_enough_epochs(monkeypatc
     assert ((big.model, big.width), timed, big.epochs) == (custom, [quarter, custom], 28)
     mid = fitted(600.0)  # 14 of custom: too few
     assert ((mid.model, mid.width), timed) == (half, [quarter, custom, half])
-    # 14 epochs at quarter width: CustomMobileNet cannot fit 24 even at that speed, untimed.
+    # 14 epochs at quarter width: CustomMobileNet cannot fit 24 even at that speed, untimed;
+    # the epochs of quarter width then count the time spent timing half width too.
     small = fitted(100.0)
-    assert ((small.model, small.width), timed, small.epochs) == (quarter, [quarter, half], 14)
-    assert "custom_mobilenet at width 1 (needs 24; not timed)" in said["model"]
+    assert ((small.model, small.width), timed, small.epochs) == (quarter, [quarter, half], 13)
+    assert "the 90 s left" in said["epochs"]
+    assert (
+        "at most 13.4 epochs of custom_mobilenet at width 1 (needs 24; not timed)" in said["model"]
+    )
     tiny = fitted(40.0)
-    assert ((tiny.model, tiny.width), timed, tiny.epochs) == (quarter, [quarter], 5)
+    assert ((tiny.model, tiny.width), timed, tiny.epochs) == (quarter, [quarter], 4)
     # A network the user names keeps its name; the budget then weighs only its widths.
     named = fitted(1200.0, model="mobilenet_v1")
     assert ((named.model, named.width), timed) == (half, [quarter, half])
