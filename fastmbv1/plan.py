@@ -36,7 +36,8 @@ from pipelines import default_pipeline, unavailable
 
 # Besides the steps, an epoch waits for data and evaluates now and then: a few percent.
 EPOCH_OVERHEAD = 0.05
-# An evaluation image costs about this share of a training image (forward only).
+# An evaluation image costs about this share of a training image (forward only): 0.2 to 0.3
+# on the CPU at its evaluation batch of 64 (bench/results/eval-batch-cpu/), so a margin.
 EVAL_COST = 0.4
 TIMED_STEPS = 5
 # What a cold torch.compile of the training and evaluation graphs is assumed to take on a GPU
