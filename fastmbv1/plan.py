@@ -36,8 +36,9 @@ from pipelines import default_pipeline, unavailable
 
 # Besides the steps, an epoch waits for data and evaluates now and then: a few percent.
 EPOCH_OVERHEAD = 0.05
-# An evaluation image costs about this share of a training image (forward only): 0.2 to 0.3
-# on the CPU at its evaluation batch of 64 (bench/results/eval-batch-cpu/), so a margin.
+# An evaluation image costs about this share of a training image (forward only): 0.2 to 0.33
+# on the CPU at its evaluation batch of 64 (bench/results/eval-batch-cpu/ against the training
+# speeds of the runs beside it), so a margin.
 EVAL_COST = 0.4
 TIMED_STEPS = 5
 # What a cold torch.compile of the training and evaluation graphs is assumed to take on a GPU
@@ -56,7 +57,7 @@ MIN_EPOCHS = 6
 # of it are not measured: 24 still takes it on a machine a fifth slower than that day's,
 # where the 2.9 points it won by are unlikely to be made up by half width's extra epochs.
 # At half width CustomMobileNet scored 0.59 points more than MobileNetV1 in 8 fixed epochs
-# (two seeds each) but trained 13 % slower, and in 600 s back to back it lost: 85.18 % in the
+# (two seeds each) but trained 12.5 % slower, and in 600 s back to back it lost: 85.18 % in the
 # 8 epochs that fitted against 85.87 in 10. At quarter width it steps at 63 % of MobileNetV1's
 # speed and scored 1.6 points less in 5 epochs (bench/results/ab-cpu-recipe.md).
 # The last must be the fastest: fit_epochs times it first and bounds the others by it.
