@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from fastmbv1.checkpoint import load
-from fastmbv1.config import CPU_EVAL_BATCH, EVAL_BATCH
+from fastmbv1.config import default_eval_batch
 from fastmbv1.machine import pick_device
 from pipelines import build_pipeline
 from pipelines.cifar10 import load_cifar10
@@ -72,7 +72,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, device: str = "auto"
         "torch",
         cifar.test_images,
         cifar.test_labels,
-        batch_size=EVAL_BATCH if dev.type == "cuda" else CPU_EVAL_BATCH,
+        batch_size=default_eval_batch(dev.type == "cuda"),
         train=False,
         device=dev,
         seed=0,

@@ -133,6 +133,10 @@ def resolve(
         "pipeline": (pipeline, "DALI is the default on a CUDA GPU where it is installed"),
         "amp": (default_amp(cuda), "bf16 autocast is the default on a CUDA GPU only"),
         "compile": (cuda, "torch.compile is the default on a CUDA GPU only"),
+        "eval_batch_size": (
+            config.default_eval_batch(cuda),
+            "1000 on a CUDA GPU, 64 on the CPU, whose caches a bigger batch outgrows",
+        ),
     }
     filled = {}
     for name, (value, because) in defaults.items():

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from fastmbv1.checkpoint import model_from_record, read_checkpoint
-from fastmbv1.config import read_toml
+from fastmbv1.config import default_eval_batch, read_toml
 from fastmbv1.errors import UserError
 from fastmbv1.evaluate import evaluate
 from fastmbv1.info import IMAGE_SHAPE, batch_seconds, model_cost
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         "torch",
         cifar.test_images[: cfg.test_limit],
         cifar.test_labels[: cfg.test_limit],
-        batch_size=cfg.eval_batch_size,
+        batch_size=cfg.eval_batch_size or default_eval_batch(device.type == "cuda"),
         train=False,
         device=device,
         seed=cfg.seed,

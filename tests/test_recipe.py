@@ -17,13 +17,14 @@ from conftest import (
 )
 
 import fastmbv1
-from fastmbv1 import plan
+from fastmbv1 import config, plan
 from fastmbv1.config import TrainConfig, narrowest
 from fastmbv1.distributed import World
 from fastmbv1.errors import UserError
 from fastmbv1.evaluate import evaluate_checkpoint
 from fastmbv1.plan import make_config, resolve, resume_config
 from fastmbv1.train import train
+from pipelines import build_pipeline
 
 
 @pytest.fixture
@@ -59,6 +60,26 @@ def test_cuda_graphs_default_to_one_process_without_fp16_and_are_refused_elsewhe
     assert cfg.cuda_graphs is False and why["cuda_graphs"].startswith("off: CUDA graphs need")
     with pytest.raises(UserError, match="--cuda-graphs: CUDA graphs need a CUDA GPU"):
         resolve(make_config({"device": "cpu", "cuda_graphs": True}), cpu)
+
+
+def test_the_evaluation_batch_follows_the_device_unless_given(tmp_path, data, monkeypatch):
+    cpu = torch.device("cpu")
+    assert (config.default_eval_batch(True), config.default_eval_batch(False)) == (1000, 64)
+    # Every preset, the original project's too: the batch changes the speed, not the score.
+    for preset in config.PRESETS:
+        cfg, why = resolve(make_config({"preset": preset, "device": "cpu"}), cpu)
+        assert cfg.eval_batch_size == 64 and why["eval_batch_size"].startswith("64: ")
+    cfg, why = resolve(make_config({"device": "cpu", "eval_batch_size": 500}), cpu)
+    assert cfg.eval_batch_size == 500 and "eval_batch_size" not in why
+    # `fastmbv1 evaluate` takes its batch from the device too.
+    asked = []
+    monkeypatch.setattr(
+        "fastmbv1.evaluate.build_pipeline",
+        lambda *a, **kw: asked.append(kw["batch_size"]) or build_pipeline(*a, **kw),
+    )
+    train(tiny_config(tmp_path, data, epochs=1))
+    evaluate_checkpoint(str(tmp_path / "run" / "final.pt"), str(data), "cpu")
+    assert asked == [64]
 
 
 def test_auto_never_reaches_a_saved_config_and_resume_keeps_the_resolved_one(

@@ -198,6 +198,7 @@ def run_cli(*args, cwd=None):
     [
         (["train", "--bogus"], "unrecognized arguments: --bogus"),
         (["train", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["train", "--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
         (["train", "--budget", "-5"], "--budget must be > 0"),
         (["train", "--width", "0"], "--width must be > 0"),
         (["train", "--lr", "fast"], "invalid float value"),
