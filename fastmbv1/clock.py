@@ -28,7 +28,7 @@ class BudgetClock:
     """Wall clock, step-time estimate, evaluation reserve, and the progress-and-stop rule.
 
     ``eval_steps``: until an evaluation has been measured, assume it takes this many training
-    steps (the test set's size over the batch size: the same time per image as training).
+    steps (train.py: the plan's estimate, a share of a training image per view of a test image).
     ``elapsed``: seconds a resumed run had already used. ``start``: when this session's time
     began, as ``now`` read it (default: now). ``lag``: steps between a decision and the step
     it governs (ranks act on what they agreed one step late), which the stop rule looks

@@ -67,6 +67,12 @@ SIZES = (
 )
 
 
+def eval_cost(cfg: TrainConfig, n_test: int) -> float:
+    """What evaluating ``n_test`` test images costs, in training images: ``EVAL_COST`` for
+    each view the saved model takes of an image (2 with flip TTA, 6 with the shifts too)."""
+    return n_test * EVAL_COST * cfg.eval_views
+
+
 def auto_preset(device: str) -> str:
     """What ``--preset auto`` means on ``--device DEVICE``: the GPU recipe only on a GPU."""
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -204,7 +210,7 @@ def fit_epochs(
         # speed and the time the latest one has used, and all compute the same from those.
         slowest, used = world.max_over_ranks(-speed, time.perf_counter() - start)
         speed = -slowest * world.size
-        final_eval = n_test * EVAL_COST * cfg.eval_views / speed
+        final_eval = eval_cost(cfg, n_test) / speed
         epoch_s = steps * cfg.batch_size / speed * (1 + EPOCH_OVERHEAD)
         left_s = cfg.budget - used
         return (left_s - final_eval - SAVE_RESERVE_S) / epoch_s, speed, left_s

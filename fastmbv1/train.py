@@ -39,7 +39,7 @@ from fastmbv1.interrupts import Signals, graceful_interrupts, interrupted, time_
 from fastmbv1.machine import device_name, peak_memory, pick_device, sync, versions
 from fastmbv1.metrics import RunLog, format_summary, utilisation, write_json
 from fastmbv1.peak import cached_peak, step_dtype
-from fastmbv1.plan import plan_run
+from fastmbv1.plan import eval_cost, plan_run
 from fastmbv1.profile import StepTrace
 from fastmbv1.rundir import agree_on_the_start, note_exit, prepare_out
 from fastmbv1.schedule import lr_factor
@@ -331,8 +331,9 @@ def train(
         state.restore(run)
     steps = len(train_pipe)
     flops_per_image = functools.cache(lambda side: training_flops_per_image(run.model, side))
+    eval_steps = eval_cost(cfg, plan.data.n_test) / cfg.batch_size
     clock = BudgetClock(
-        cfg.budget, cfg.epochs * steps, eval_steps=plan.data.n_test / cfg.batch_size,
+        cfg.budget, cfg.epochs * steps, eval_steps=eval_steps,
         elapsed=totals.wall_s, start=start, lag=int(world.active),
     )  # fmt: skip
     agreement = Agreement(world)

@@ -18,6 +18,7 @@ from conftest import (
 
 import fastmbv1
 from fastmbv1 import config, plan
+from fastmbv1.clock import BudgetClock
 from fastmbv1.config import TrainConfig, narrowest
 from fastmbv1.distributed import World
 from fastmbv1.errors import UserError
@@ -204,7 +205,6 @@ def test_the_budget_picks_the_biggest_network_that_fits_enough_epochs(monkeypatc
 
 
 def test_evaluations_stay_within_two_percent_of_the_time_and_the_last_is_always_made():
-    from fastmbv1.clock import BudgetClock
     from fastmbv1.distributed import World
     from fastmbv1.state import Totals
     from fastmbv1.train import Epoch, Signals, end_of_epoch
@@ -229,6 +229,26 @@ def test_evaluations_stay_within_two_percent_of_the_time_and_the_last_is_always_
     totals.epochs_done = 100  # the last epoch is evaluated whatever it costs
     now[0] = 201.0
     assert end_of_epoch(epoch, cfg, totals, clock, World(), Signals()) == ("epochs", True)
+
+
+def test_the_budget_keeps_back_the_final_evaluation_by_its_views(tmp_path, data, monkeypatch):
+    kept = {}
+
+    class Clock(BudgetClock):
+        def __init__(self, *args, eval_steps, **kwargs):
+            kept[views] = eval_steps
+            super().__init__(*args, eval_steps=eval_steps, **kwargs)
+
+    monkeypatch.setattr("fastmbv1.train.BudgetClock", Clock)
+    for views in (1, 2, 6):
+        cfg = tiny_config(
+            tmp_path, data, str(views), epochs=1, tta=views > 1, tta_translate=views == 6
+        )
+        assert cfg.eval_views == views
+        train(cfg)
+    # Until an evaluation is timed, each view of a test image is a share of a training image.
+    per_view = 40 * plan.EVAL_COST / 32  # 40 test images, batches of 32
+    assert kept == pytest.approx({1: per_view, 2: 2 * per_view, 6: 6 * per_view})
 
 
 @pytest.mark.parametrize("views", [2, 6], ids=["mirror", "mirror-and-shifts"])
