@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from fastmbv1.errors import UserError
 from fastmbv1.models import MODELS
+from fastmbv1.models.mobilenet import count_views
 
 
 def opt(default, help: str, **kw):
@@ -31,17 +32,20 @@ def opt(default, help: str, **kw):
 
 
 # Test images per evaluation batch, by device: how fast a batch evaluates depends on the
-# machine, not the recipe. On the CPU bigger batches outgrow its caches: with flip TTA, a batch
-# of 1,000 ran 1.8 to 3.0 times slower than one of 64 on the 2-core machine (each of the hour's
-# evaluations took about 41 s; bench/results/eval-batch-cpu/). The GPU keeps 1,000 (not measured
-# on one yet). The batch does not change a score: the model evaluates in eval mode.
+# machine, not the recipe. On the CPU a batch whose forward outgrows its caches runs slowly:
+# with flip TTA a batch of 1,000 test images ran 1.8 to 3.0 times slower than one of 64 (each
+# of the hour's evaluations took about 41 s), and with six views the best batches were 16 to 32
+# (bench/results/eval-batch-cpu/). So the CPU evaluates about 128 images a forward, TTA's views
+# included: 64 test images with flip TTA, 21 with six views. The GPU keeps 1,000 test images
+# (not measured on one yet). The batch does not change a score: the model evaluates in eval mode.
 EVAL_BATCH = 1000
-CPU_EVAL_BATCH = 64
+CPU_EVAL_IMAGES = 128
 
 
-def default_eval_batch(cuda: bool) -> int:
-    """The evaluation batch for a config that leaves it open (on a CUDA GPU or not)."""
-    return EVAL_BATCH if cuda else CPU_EVAL_BATCH
+def default_eval_batch(cuda: bool, views: int) -> int:
+    """The evaluation batch, in test images, for a config that leaves it open: on a CUDA GPU
+    or not, for a model that looks at ``views`` images per test image."""
+    return EVAL_BATCH if cuda else max(1, CPU_EVAL_IMAGES // views)
 
 
 @dataclass
@@ -69,7 +73,9 @@ class TrainConfig:
     )
     batch_size: int = opt(512, "training batch size")
     eval_batch_size: int | None = opt(
-        None, "evaluation batch size; auto: 1000 on a CUDA GPU, 64 on the CPU (its caches)"
+        None,
+        "evaluation batch size, in test images; auto: 1000 on a CUDA GPU, 128 images a forward "
+        "on the CPU (64 with flip TTA, 21 with six views)",
     )
     lr: float = opt(0.4, "peak learning rate")
     momentum: float = opt(0.9, "SGD momentum")
@@ -237,7 +243,7 @@ class TrainConfig:
     @property
     def eval_views(self) -> int:
         """Images the saved model looks at per test image: itself, its mirror, the shifts."""
-        return 1 if not self.tta else 6 if self.tta_translate else 2
+        return count_views(self.tta, self.tta_translate)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

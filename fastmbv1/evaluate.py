@@ -72,7 +72,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, device: str = "auto"
         "torch",
         cifar.test_images,
         cifar.test_labels,
-        batch_size=default_eval_batch(dev.type == "cuda"),
+        batch_size=default_eval_batch(dev.type == "cuda", model.views),
         train=False,
         device=dev,
         seed=0,

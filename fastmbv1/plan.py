@@ -140,8 +140,10 @@ def resolve(
         "amp": (default_amp(cuda), "bf16 autocast is the default on a CUDA GPU only"),
         "compile": (cuda, "torch.compile is the default on a CUDA GPU only"),
         "eval_batch_size": (
-            config.default_eval_batch(cuda),
-            "1000 on a CUDA GPU, 64 on the CPU, whose caches a bigger batch outgrows",
+            config.default_eval_batch(cuda, cfg.eval_views),
+            f"1000 on a CUDA GPU; on the CPU {config.CPU_EVAL_IMAGES} images a forward, which "
+            f"its caches hold, so {config.CPU_EVAL_IMAGES} over the model's {cfg.eval_views} "
+            "views of each test image",
         ),
     }
     filled = {}

@@ -202,7 +202,7 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         "torch",
         cifar.test_images[: cfg.test_limit],
         cifar.test_labels[: cfg.test_limit],
-        batch_size=cfg.eval_batch_size or default_eval_batch(device.type == "cuda"),
+        batch_size=cfg.eval_batch_size or default_eval_batch(device.type == "cuda", model.views),
         train=False,
         device=device,
         seed=cfg.seed,

@@ -65,22 +65,28 @@ def test_cuda_graphs_default_to_one_process_without_fp16_and_are_refused_elsewhe
 
 def test_the_evaluation_batch_follows_the_device_unless_given(tmp_path, data, monkeypatch):
     cpu = torch.device("cpu")
-    assert (config.default_eval_batch(True), config.default_eval_batch(False)) == (1000, 64)
+    # About 128 images a forward on the CPU, whatever the model's views of a test image.
+    assert [config.default_eval_batch(False, views) for views in (1, 2, 6)] == [128, 64, 21]
+    assert config.default_eval_batch(True, 6) == 1000
     # Every preset, the original project's too: the batch changes the speed, not the score.
+    views = {"fast": 2, "cpu": 2, "baseline": 1, "custom": 1}
     for preset in config.PRESETS:
         cfg, why = resolve(make_config({"preset": preset, "device": "cpu"}), cpu)
-        assert cfg.eval_batch_size == 64 and why["eval_batch_size"].startswith("64: ")
+        batch = 128 // views[preset]
+        assert cfg.eval_batch_size == batch and why["eval_batch_size"].startswith(f"{batch}: ")
     cfg, why = resolve(make_config({"device": "cpu", "eval_batch_size": 500}), cpu)
     assert cfg.eval_batch_size == 500 and "eval_batch_size" not in why
-    # `fastmbv1 evaluate` takes its batch from the device too.
+    # `fastmbv1 evaluate` takes its batch from the device and the saved model's views.
     asked = []
     monkeypatch.setattr(
         "fastmbv1.evaluate.build_pipeline",
         lambda *a, **kw: asked.append(kw["batch_size"]) or build_pipeline(*a, **kw),
     )
-    train(tiny_config(tmp_path, data, epochs=1))
-    evaluate_checkpoint(str(tmp_path / "run" / "final.pt"), str(data), "cpu")
-    assert asked == [64]
+    for views in (2, 6):
+        cfg = tiny_config(tmp_path, data, str(views), epochs=1, tta_translate=views == 6)
+        train(cfg)
+        evaluate_checkpoint(str(tmp_path / str(views) / "final.pt"), str(data), "cpu")
+    assert asked == [64, 21]
 
 
 def test_auto_never_reaches_a_saved_config_and_resume_keeps_the_resolved_one(

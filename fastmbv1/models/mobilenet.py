@@ -24,6 +24,12 @@ BLOCKS = [
 ]  # fmt: skip
 
 
+def count_views(tta: bool, tta_translate: bool) -> int:
+    """Images a model with these TTA settings looks at per test image: itself, its mirror,
+    and with ``tta_translate`` the two shifts and their mirrors."""
+    return 1 if not tta else 6 if tta_translate else 2
+
+
 def scaled(c: int, width: float) -> int:
     return max(1, round(c * width))
 
@@ -98,6 +104,10 @@ class Classifier(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Linear(features, num_classes)
         self.tta, self.tta_translate = tta, tta and tta_translate
+
+    @property
+    def views(self) -> int:
+        return count_views(self.tta, self.tta_translate)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(self.normalize(x)))
