@@ -257,7 +257,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # hour, else half- or quarter-width MobileNetV1) and as many epochs as the budget fits at
     # the speed measured at start (plan.py), smaller batches for more steps in the few epochs
     # that fit. Pointwise convs start as the identity: +4.0 points at width 0.25 in 5 epochs,
-    # two seeds each (bench/results/ab-cpu-recipe.md).
+    # two seeds each. The saved model averages six views (mirror x 1-pixel shifts): on the
+    # same weights +0.63 points at width 0.25 x 5 epochs and +0.29 at 0.5 x 8, two seeds each,
+    # for an evaluation 2-3 times as long (bench/results/ab-cpu-recipe.md).
     "cpu": {
         "width": None,
         "batch_size": 128,
@@ -265,6 +267,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": None,
         "budget": 600.0,
         "dirac": True,
+        "tta_translate": True,
     },
     # The original project's CustomMobileNet recipe, field for field (facts.md).
     "custom": {
