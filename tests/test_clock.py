@@ -46,6 +46,15 @@ def test_time_drives_once_the_steps_no_longer_fit_and_never_lets_go():
     assert all(p >= (5 + 0.01 * i) / limit for i, p in enumerate(progress[5:]))
 
 
+def test_one_stall_does_not_end_the_run():
+    time = FakeTime()
+    # 400 steps of 0.25 s and a reserve of 62.5 steps fit 150 s with room for one 10 s stall.
+    clock = BudgetClock(150.0, 400, eval_steps=62.5, now=time)
+    progress = run_steps(clock, time, [0.25] * 150 + [10.0] + [0.25] * 249)
+    assert len(progress) == 400 and time.t == pytest.approx(109.75)
+    assert clock.step_s == pytest.approx(0.25, rel=0.01)  # the stall has worn off
+
+
 def test_stops_one_step_before_the_budget_keeping_the_reserve():
     time = FakeTime()
     clock = BudgetClock(50.0, 1000, eval_steps=0, now=time)
