@@ -10,12 +10,14 @@ its reason, which the run prints and saves in ``config.json``.
 The same CPU kind has trained the same recipe at 2,400 images/s one day and 900 the next,
 so no fixed epoch count suits a fixed budget: a few training steps on a random batch time
 the machine as it is now, and the epochs that fit what is left of the budget become the
-schedule's length. The run stays step-driven when the estimate holds, and the budget clock
-anneals it on time when it does not.
+schedule's length, rounded up: the budget clock anneals a run that runs out of time on
+time, but nothing can use the time a run leaves when it finishes its epochs early (on a noisy
+day a plain 150 s run timed 559 images/s, trained at 780, and finished its one epoch in 80 s).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,9 +38,10 @@ from pipelines import default_pipeline, unavailable
 
 # Besides the steps, an epoch waits for data and evaluates now and then: a few percent.
 EPOCH_OVERHEAD = 0.05
-# An evaluation image costs about this share of a training image (forward only): 0.2 to 0.33
-# on the CPU at its evaluation batch of 64 (bench/results/eval-batch-cpu/ against the training
-# speeds of the runs beside it), so a margin.
+# Each view of a test image costs about this share of a training image (forward only): on
+# the CPU 0.2 to 0.33 with flip TTA in batches of 64 (bench/results/eval-batch-cpu/ against the
+# training speeds of the runs beside it), and about 0.16 with six views in batches of 21 (one
+# 150 s run on 2026-12-07: 806 test images/s against 780 training), so a margin.
 EVAL_COST = 0.4
 TIMED_STEPS = 5
 # What a cold torch.compile of the training and evaluation graphs is assumed to take on a GPU
@@ -141,9 +144,9 @@ def resolve(
         "compile": (cuda, "torch.compile is the default on a CUDA GPU only"),
         "eval_batch_size": (
             config.default_eval_batch(cuda, cfg.eval_views),
-            f"1000 on a CUDA GPU; on the CPU {config.CPU_EVAL_IMAGES} images a forward, which "
-            f"its caches hold, so {config.CPU_EVAL_IMAGES} over the model's {cfg.eval_views} "
-            "views of each test image",
+            f"{config.EVAL_BATCH} on a CUDA GPU; on the CPU about {config.CPU_EVAL_IMAGES} "
+            f"images a forward, which its caches hold: {config.CPU_EVAL_IMAGES} over the "
+            f"model's {cfg.eval_views} views of each test image",
         ),
     }
     filled = {}
@@ -231,7 +234,7 @@ def fit_epochs(
         tried.append(f"{fits:.1f} epochs of {size} (needs {fewest})")
         if fits >= fewest:
             break
-    epochs = max(1, round(fits))
+    epochs = max(1, math.ceil(fits))
     why = {
         "epochs": f"{epochs}: measured {speed:,.0f} images/s on a random batch; the "
         f"{left_s:.0f} s left of --budget {cfg.budget:g} fit about {fits:.1f} epochs of {size}"
