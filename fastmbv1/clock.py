@@ -22,12 +22,6 @@ from collections.abc import Callable
 SAVE_RESERVE_S = 1.0
 # Weight of the newest step in the running step-time estimate.
 STEP_SMOOTHING = 0.2
-# A step counts for at most this many times the estimate. One stall of a shared machine says
-# nothing of the steps to come, but the estimate also prices the evaluation reserve (tens of
-# steps' worth before an evaluation is timed): a plain 150 s run was stopped at 48 s, in its
-# warm-up, when one stall made that reserve outgrow the time left. A real slowdown still
-# raises the estimate by up to 40 % a step.
-STEP_CAP = 3.0
 
 
 class BudgetClock:
@@ -60,6 +54,7 @@ class BudgetClock:
         self.eval_s: float | None = None  # the last evaluation's measured seconds
         self.time_driven = False
         self.steps_seen = 0  # steps timed by this clock: the first ones compile and warm up
+        self.timed_s, self.timed_steps = 0.0, 0  # the steps after those: their mean
         self.last_tick: float | None = None
 
     def wall(self) -> float:
@@ -67,7 +62,15 @@ class BudgetClock:
         return self.elapsed + self.now() - self.start
 
     def eval_reserve(self) -> float:
-        return self.eval_s if self.eval_s is not None else self.eval_steps * self.step_s
+        """The final evaluation's seconds: as last measured, or before that ``eval_steps`` at
+        the mean step time. Not the running estimate: the reserve multiplies it by tens of
+        steps, so one stall of a shared machine in it stopped a plain 150 s run 48 s in, mid
+        warm-up (2026-12-07); and on a GPU, where the host runs steps ahead and one step
+        waits for the rest, only a mean over many steps is right."""
+        if self.eval_s is not None:
+            return self.eval_s
+        mean = self.timed_s / self.timed_steps if self.timed_steps else self.step_s
+        return self.eval_steps * mean
 
     def available(self) -> float:
         """Seconds of the budget that training may use: the rest is the final eval and save."""
@@ -89,11 +92,10 @@ class BudgetClock:
             self.step_s = (
                 took
                 if self.step_s == 0
-                else (
-                    (1 - STEP_SMOOTHING) * self.step_s
-                    + STEP_SMOOTHING * min(took, STEP_CAP * self.step_s)
-                )
+                else ((1 - STEP_SMOOTHING) * self.step_s + STEP_SMOOTHING * took)
             )
+            self.timed_s += took
+            self.timed_steps += 1
         self.last_tick = now
         self.steps_seen += 1
         limit = self.available()

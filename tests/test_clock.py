@@ -52,7 +52,14 @@ def test_one_stall_does_not_end_the_run():
     clock = BudgetClock(150.0, 400, eval_steps=62.5, now=time)
     progress = run_steps(clock, time, [0.25] * 150 + [10.0] + [0.25] * 249)
     assert len(progress) == 400 and time.t == pytest.approx(109.75)
-    assert clock.step_s == pytest.approx(0.25, rel=0.01)  # the stall has worn off
+
+
+def test_the_reserve_prices_the_mean_step_of_a_bursty_gpu():
+    time = FakeTime()
+    # The host runs ahead of the GPU and every 25th step waits for the rest: 10 ms a step.
+    clock = BudgetClock(1000.0, 10_000, eval_steps=100, now=time)
+    run_steps(clock, time, ([0.001] * 24 + [0.226]) * 40 + [0.001] * 2)
+    assert clock.eval_reserve() == pytest.approx(100 * 0.01, rel=0.05)
 
 
 def test_stops_one_step_before_the_budget_keeping_the_reserve():
