@@ -237,7 +237,8 @@ def fit_epochs(
     epochs = max(1, math.ceil(fits))
     why = {
         "epochs": f"{epochs}: measured {speed:,.0f} images/s on a random batch; the "
-        f"{left_s:.0f} s left of --budget {cfg.budget:g} fit about {fits:.1f} epochs of {size}"
+        f"{left_s:.0f} s left of --budget {cfg.budget:g} fit about {fits:.1f} epochs of {size}, "
+        "rounded up"
     }
     chosen = f"the first that fits the epochs it needs, else the last; {', '.join(tried)}"
     if cfg.model == "auto":
