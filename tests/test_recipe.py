@@ -134,13 +134,13 @@ def test_fit_counts_what_is_left_of_the_budget(monkeypatch):
 
     cfg = make_config({"preset": "cpu", "width": 0.25, "budget": 60.0, "tta": False})
     now = plan.time.perf_counter()
-    # 50 steps of 128 images: 6.4 s an epoch (6.72 s with the overhead). 8.2 and 3.7 epochs
+    # 50 steps of 128 images: 6.4 s an epoch (6.72 s with the overhead). 8.3 and 3.9 epochs
     # fit: rounded up, as the budget clock anneals a run that runs out of time but cannot
     # lengthen one that finishes early.
     full, why = plan.fit_epochs(cfg, torch.device("cpu"), World(), now, 50, 10_000)
     late, _ = plan.fit_epochs(cfg, torch.device("cpu"), World(), now - 30.0, 50, 10_000)
     assert full.epochs == 9 and late.epochs == 4
-    assert "fit about 8.2 epochs" in why["epochs"]
+    assert "fit about 8.3 epochs" in why["epochs"]
     assert "1,000 images/s" in why["epochs"] and "width" not in why  # --width was given
     assert full.width == late.width == 0.25
 
@@ -194,7 +194,7 @@ def test_the_budget_picks_the_biggest_network_that_fits_enough_epochs(monkeypatc
     assert ((small.model, small.width), timed, small.epochs) == (quarter, [quarter, half], 13)
     assert "the 90 s left" in said["epochs"]
     assert (
-        "at most 13.4 epochs of custom_mobilenet at width 1 (needs 24; not timed)" in said["model"]
+        "at most 13.5 epochs of custom_mobilenet at width 1 (needs 24; not timed)" in said["model"]
     )
     tiny = fitted(40.0)  # 4.5 epochs fit
     assert ((tiny.model, tiny.width), timed, tiny.epochs) == (quarter, [quarter], 5)
