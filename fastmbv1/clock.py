@@ -69,8 +69,9 @@ class BudgetClock:
         waits for the rest, only a mean over many steps is right."""
         if self.eval_s is not None:
             return self.eval_s
-        mean = self.timed_s / self.timed_steps if self.timed_steps else self.step_s
-        return self.eval_steps * mean
+        if not self.timed_steps:  # nothing timed yet: nothing to price it at
+            return 0.0
+        return self.eval_steps * self.timed_s / self.timed_steps
 
     def available(self) -> float:
         """Seconds of the budget that training may use: the rest is the final eval and save."""

@@ -42,8 +42,8 @@ EPOCH_OVERHEAD = 0.05
 # the final evaluation's reserve is priced at. On the CPU: 0.24 to 0.30 with flip TTA in
 # batches of 64 (bench/results/eval-batch-cpu/results.txt against the training speeds of the
 # runs beside it; 0.30 for CustomMobileNet), 0.16 to 0.20 with six views in batches of 21 (two
-# 150 s runs on 2026-12-07). The largest: at 0.4 a six-view 150 s run held back 30 s for an
-# evaluation of 14.5.
+# 150 s runs on 2026-12-07). The largest: at 0.4 a six-view 150 s run held back about 29 s
+# for an evaluation of 14.5.
 EVAL_COST = 0.3
 TIMED_STEPS = 5
 # What a cold torch.compile of the training and evaluation graphs is assumed to take on a GPU
