@@ -25,6 +25,7 @@ except ModuleNotFoundError:  # Python 3.10
 from fastmbv1.errors import UserError
 from fastmbv1.models import MODELS
 from fastmbv1.models.mobilenet import count_views
+from pipelines.sampling import MAX_SHIFT
 
 
 def opt(default, help: str, **kw):
@@ -61,6 +62,11 @@ class TrainConfig:
     )
     normalize: bool = opt(True, "standardise inputs inside the model (off in the baseline)")
     dropout: float = opt(0.0, "dropout before the classifier")
+    depthwise_relu: bool = opt(
+        True,
+        "a ReLU between each block's depthwise and pointwise convolutions, as the MobileNetV1 "
+        "paper has; off, the depthwise output reaches the pointwise conv linearly (Xception)",
+    )
     pipeline: str | None = opt(
         None,
         "data pipeline: dali, torch or torchvision (default: dali on a CUDA GPU where it is "
@@ -108,6 +114,11 @@ class TrainConfig:
     mixup: float = opt(0.0, "mixup alpha (0: off)")
     cutmix: float = opt(0.0, "cutmix alpha (0: off)")
     cutout: int = opt(0, "cutout square side in pixels (0: off)")
+    translate: int = opt(
+        MAX_SHIFT,
+        "random crop: shift each training image by up to this many pixels each way (the "
+        f"original's Pad({MAX_SHIFT}) and 32-pixel crop is {MAX_SHIFT}; 0: no shift)",
+    )
     alt_flip: bool = opt(
         False,
         "flip a random half of the images in even epochs and the other half in odd ones "
@@ -224,6 +235,10 @@ class TrainConfig:
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         need(0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}")
         need(8 <= self.start_side <= 32, f"--start-side must be in [8, 32], got {self.start_side}")
+        need(
+            0 <= self.translate <= MAX_SHIFT,
+            f"--translate must be in [0, {MAX_SHIFT}], got {self.translate}",
+        )
         need(0 <= self.warmup < 1, f"--warmup must be in [0, 1), got {self.warmup}")
         need(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}")
         need(

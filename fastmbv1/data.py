@@ -44,6 +44,7 @@ def recipe_pipeline(
         rank=world.rank,
         world_size=world.size,
         alternate_flips=cfg.alt_flip,
+        translate=cfg.translate,
         **pipeline_options(cfg),
     )
 

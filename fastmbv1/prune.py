@@ -36,7 +36,7 @@ from pipelines.cifar10 import load_cifar10
 MAX_RATIO = 0.95
 TARGET_STEPS = 38
 # The architecture comes from the checkpoint; these flags would describe a different network.
-MODEL_FIELDS = ("model", "width", "normalize", "dropout", "tta", "tta_translate")
+MODEL_FIELDS = ("model", "width", "normalize", "dropout", "depthwise_relu", "tta", "tta_translate")
 LATENCY_REPEATS = 20
 
 

@@ -113,6 +113,7 @@ def build_run(
             width=width,
             normalize=cfg.normalize,
             dropout=cfg.dropout,
+            depthwise_relu=cfg.depthwise_relu,
             tta=cfg.tta,
             tta_translate=cfg.tta_translate,
         )

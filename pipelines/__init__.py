@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fastmbv1.errors import UserError
+from pipelines.sampling import MAX_SHIFT
 
 # name -> module; imported lazily so that a missing optional package (DALI) costs nothing.
 MODULES = {
@@ -77,17 +78,20 @@ def build_pipeline(
     rank: int = 0,
     world_size: int = 1,
     alternate_flips: bool = False,
+    translate: int = MAX_SHIFT,
     **options,
 ) -> Pipeline:
-    """Build pipeline ``name``; ``drop_last`` defaults to ``train``; ``alternate_flips``: see
-    ``pipelines.sampling.shifts_and_flips``; ``options`` are its own (for example
-    ``num_workers`` for torchvision)."""
+    """Build pipeline ``name``; ``drop_last`` defaults to ``train``; ``alternate_flips`` and
+    ``translate``: see ``pipelines.sampling.shifts_and_flips``; ``options`` are its own (for
+    example ``num_workers`` for torchvision)."""
     device = torch.device(device)
     reason = unavailable(name, device)
     if reason is not None:
         raise UserError(f"pipeline {name!r} is unavailable on {device}: {reason}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
+    if not 0 <= translate <= MAX_SHIFT:
+        raise UserError(f"translate must be in 0..{MAX_SHIFT} pixels, got {translate}")
     if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
         raise UserError(f"images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
     if labels.shape != (images.shape[0],):
@@ -114,5 +118,6 @@ def build_pipeline(
         rank=rank,
         world_size=world_size,
         alternate_flips=alternate_flips,
+        translate=translate,
         **options,
     )

@@ -48,9 +48,10 @@ def epoch_indices(
 
 
 def shifts_and_flips(
-    n: int, *, seed: int, epoch: int, alternate: bool = False
+    n: int, *, seed: int, epoch: int, alternate: bool = False, translate: int = MAX_SHIFT
 ) -> tuple[np.ndarray, ...]:
-    """Shifts dy, dx in -4..4 and a flip flag for each of the ``n`` samples, by sample index.
+    """Shifts dy, dx in -translate..translate (at most ``MAX_SHIFT``, the pipelines'
+    padding) and a flip flag for each of the ``n`` samples, by sample index.
 
     Drawn by index rather than by position in the order, so a sample's augmentation in an
     epoch is the same whatever rank or batch it lands in. With ``alternate`` (airbench's
@@ -59,8 +60,8 @@ def shifts_and_flips(
     flips show a quarter of them only one way.
     """
     g = rng(seed, epoch, AUGMENT)
-    dy = g.integers(-MAX_SHIFT, MAX_SHIFT + 1, n)
-    dx = g.integers(-MAX_SHIFT, MAX_SHIFT + 1, n)
+    dy = g.integers(-translate, translate + 1, n)
+    dx = g.integers(-translate, translate + 1, n)
     flip = g.integers(0, 2, n).astype(bool)
     if alternate:
         flip = rng(seed, 0, FLIPS).integers(0, 2, n).astype(bool) ^ bool(epoch % 2)
@@ -87,11 +88,12 @@ class PipelineBase:
         rank: int,
         world_size: int,
         alternate_flips: bool,
+        translate: int,
     ) -> None:
         self.n, self.batch_size, self.train, self.device = n, batch_size, train, device
         self.seed, self.dtype, self.drop_last = seed, dtype, drop_last
         self.rank, self.world_size = rank, world_size
-        self.alternate_flips = alternate_flips
+        self.alternate_flips, self.translate = alternate_flips, translate
         self.epoch = 0
 
     def indices(self, epoch: int) -> np.ndarray:
@@ -108,7 +110,13 @@ class PipelineBase:
 
     def shifts_and_flips(self, epoch: int) -> tuple[np.ndarray, ...]:
         """Every sample's shift and flip in ``epoch``, by sample index."""
-        return shifts_and_flips(self.n, seed=self.seed, epoch=epoch, alternate=self.alternate_flips)
+        return shifts_and_flips(
+            self.n,
+            seed=self.seed,
+            epoch=epoch,
+            alternate=self.alternate_flips,
+            translate=self.translate,
+        )
 
     def __len__(self) -> int:
         return -(-len(self.indices(0)) // self.batch_size)

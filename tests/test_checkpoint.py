@@ -46,6 +46,23 @@ def test_load_contract(tmp_path):
     torch.testing.assert_close(out, model(x))
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v1", "custom_mobilenet"])
+def test_a_network_without_the_depthwise_relu_loads_as_saved(tmp_path, name):
+    model, path = saved(tmp_path, name, width=0.25, depthwise_relu=False)
+    assert not any(isinstance(m, torch.nn.ReLU) for b in model.blocks for m in b.depthwise)
+    x = torch.rand(4, 3, 32, 32)
+    with_relu = build_model(name, width=0.25).eval()
+    with_relu.load_state_dict(model.state_dict())
+
+    def first_block(m: torch.nn.Module) -> torch.Tensor:  # a fresh network's logits are ~flat
+        return m.blocks[0](m.stem(m.normalize(x)))
+
+    assert not torch.allclose(first_block(with_relu), first_block(model))
+    loaded = fastmbv1.load(path)
+    torch.testing.assert_close(first_block(loaded), first_block(model))
+    torch.testing.assert_close(loaded(x), model(x))
+
+
 def test_load_in_a_fresh_process(tmp_path):
     model, path = saved(tmp_path, width=0.25)
     x = torch.rand(2, 3, 32, 32)

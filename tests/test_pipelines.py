@@ -94,17 +94,35 @@ def test_every_output_is_its_source_shifted_and_maybe_flipped(name, train_epoch)
         np.testing.assert_array_equal(drawn, planned[y.numpy()].astype(int))
 
 
-@pytest.mark.parametrize("alternate", [False, True], ids=["random-flips", "alternating-flips"])
-def test_every_pipeline_hands_over_the_same_batches(data, alternate):
+@pytest.mark.parametrize(
+    "alternate, translate",
+    [(False, MAX_SHIFT), (True, MAX_SHIFT), (False, 2)],
+    ids=["random-flips", "alternating-flips", "translate-2"],
+)
+def test_every_pipeline_hands_over_the_same_batches(data, alternate, translate):
     images, labels = data[0][:1000], data[1][:1000]
     batches = {}
     for name in (n for n in MODULES if unavailable(n, "cpu") is None):
-        pipeline = build(name, images, labels, batch_size=256, alternate_flips=alternate)
+        pipeline = build(
+            name, images, labels, batch_size=256, alternate_flips=alternate, translate=translate
+        )
         pipeline.epoch = 3
         batches[name] = epoch(pipeline)
     x_ref, y_ref = batches["torch"]
     for name, (x, y) in batches.items():
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref), f"{name} differs from torch"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_smaller_translate_shifts_by_at_most_that(name, data):
+    images, labels = data[0][:512], data[1][:512]
+    x, y = epoch(build(name, images, labels, drop_last=False, translate=2))
+    dy, dx, _ = recover(to_uint8(x), images[y.numpy()])
+    assert max(np.abs(dy).max(), np.abs(dx).max()) == 2  # all of -2..2 and nothing beyond
+    plan = shifts_and_flips(512, seed=7, epoch=0, translate=2)
+    np.testing.assert_array_equal(dy, plan[0][y.numpy()])
+    with pytest.raises(UserError, match="translate must be in 0..4"):
+        build(name, images, labels, translate=5)
 
 
 def test_alternating_flips_show_every_image_both_ways_in_any_two_epochs():

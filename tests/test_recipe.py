@@ -428,6 +428,28 @@ def test_the_whitened_stem_is_deterministic_and_whitens_the_patches():
     assert not torch.equal(model.stem[0].weight, stems[0])
 
 
+def test_the_recipe_pipelines_take_the_configs_augmentation():
+    from fastmbv1.data import recipe_pipeline
+
+    images, labels = np.zeros((8, 32, 32, 3), np.uint8), np.arange(8)
+    for translate, alternate in ((2, True), (4, False)):
+        cfg = make_config({"preset": "cpu", "translate": translate, "alt_flip": alternate})
+        cfg = resolve(cfg, torch.device("cpu"))[0]
+        pipe = recipe_pipeline(cfg, images, labels, torch.device("cpu"), train=True, batch_size=4)
+        assert (pipe.translate, pipe.alternate_flips) == (translate, alternate)
+
+
+def test_without_the_depthwise_relu_the_run_builds_and_saves_that_network():
+    from fastmbv1.step import build_run
+
+    for relu in (True, False):
+        cfg = make_config({"preset": "cpu", "width": 0.25, "depthwise_relu": relu})
+        run = build_run(cfg, torch.device("cpu"))
+        for block in run.model.blocks:
+            assert isinstance(block.depthwise[-1], torch.nn.ReLU) == relu
+        assert run.kwargs["depthwise_relu"] == relu  # what final.pt records, and load builds
+
+
 def test_dirac_makes_each_pointwise_conv_the_identity_where_it_can():
     from fastmbv1.step import build_run
 

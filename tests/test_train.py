@@ -204,6 +204,7 @@ def run_cli(*args, cwd=None):
         (["train", "--lr", "fast"], "invalid float value"),
         (["train", "--amp", "fp8"], "invalid choice"),
         (["train", "--muon", "-1"], "--muon must be >= 0"),
+        (["train", "--translate", "5"], "--translate must be in [0, 4]"),
         (["train", "--muon", "0.5", "--amp", "fp16"], "--muon: not with --amp fp16"),
         (["train", "--preset", "nope"], "unknown preset"),
         (["train", "--config", "missing.toml"], "does not exist"),

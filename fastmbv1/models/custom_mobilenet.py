@@ -34,13 +34,16 @@ PROJECTS = [
 
 
 class ResidualBlock(nn.Module):
-    """Depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN, plus the shortcut, then ReLU."""
+    """Depthwise 3x3 + BN + ReLU (no ReLU without ``depthwise_relu``), pointwise 1x1 + BN,
+    plus the shortcut, then ReLU."""
 
-    def __init__(self, cin: int, cout: int, stride: int, projection: bool):
+    def __init__(
+        self, cin: int, cout: int, stride: int, projection: bool, depthwise_relu: bool = True
+    ):
         super().__init__()
         if not projection and cin != cout:
             raise ValueError(f"identity shortcut needs in == out channels, got {cin} -> {cout}")
-        self.depthwise = conv_bn(cin, cin, 3, stride, groups=cin)
+        self.depthwise = conv_bn(cin, cin, 3, stride, groups=cin, relu=depthwise_relu)
         self.pointwise = conv_bn(cin, cout, 1, relu=False)
         self.shortcut = conv_bn(cin, cout, 1, stride, relu=False) if projection else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
@@ -59,6 +62,7 @@ class CustomMobileNet(Classifier):
         channels: list[int] | None = None,
         tta: bool = False,
         tta_translate: bool = False,
+        depthwise_relu: bool = True,
     ):
         if channels is None:
             channels = [scaled(c, width) for c in BASE_CHANNELS]
@@ -67,7 +71,7 @@ class CustomMobileNet(Classifier):
         stem = conv_bn(3, channels[0], 3)  # first: the seed's draws go in layer order
         blocks = nn.Sequential(
             *(
-                ResidualBlock(cin, cout, stride, projects)
+                ResidualBlock(cin, cout, stride, projects, depthwise_relu)
                 for cin, cout, (_, stride), projects in zip(
                     channels[:-1], channels[1:], BLOCKS, PROJECTS, strict=True
                 )

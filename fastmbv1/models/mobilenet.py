@@ -64,11 +64,12 @@ def conv_bn(
 
 
 class Block(nn.Module):
-    """Depthwise 3x3 (a real grouped conv) then pointwise 1x1, each with BN and ReLU."""
+    """Depthwise 3x3 (a real grouped conv) then pointwise 1x1, each with BN and ReLU; without
+    ``depthwise_relu`` the depthwise conv's BN output goes straight to the pointwise conv."""
 
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, depthwise_relu: bool = True):
         super().__init__()
-        self.depthwise = conv_bn(cin, cin, 3, stride, groups=cin)
+        self.depthwise = conv_bn(cin, cin, 3, stride, groups=cin, relu=depthwise_relu)
         self.pointwise = conv_bn(cin, cout, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +137,7 @@ class MobileNetV1(Classifier):
         channels: list[int] | None = None,
         tta: bool = False,
         tta_translate: bool = False,
+        depthwise_relu: bool = True,
     ):
         if channels is None:
             channels = [scaled(c, width) for c in [STEM] + [c for c, _ in BLOCKS]]
@@ -144,7 +146,7 @@ class MobileNetV1(Classifier):
         stem = conv_bn(3, channels[0], 3)  # first: the seed's draws go in layer order
         blocks = nn.Sequential(
             *(
-                Block(cin, cout, stride)
+                Block(cin, cout, stride, depthwise_relu)
                 for cin, cout, (_, stride) in zip(channels[:-1], channels[1:], BLOCKS, strict=True)
             )
         )
