@@ -113,9 +113,11 @@ def build_run(
             width=width,
             normalize=cfg.normalize,
             dropout=cfg.dropout,
-            depthwise_relu=cfg.depthwise_relu,
             tta=cfg.tta,
             tta_translate=cfg.tta_translate,
+            # Only when off: a registered network without depthwise blocks need not take it,
+            # and the default network's final.pt records what it did before.
+            **({} if cfg.depthwise_relu else {"depthwise_relu": False}),
         )
         model = build_model(name, **kwargs)
         if cfg.whiten and images is not None:
