@@ -32,7 +32,8 @@ class BudgetClock:
     ``elapsed``: seconds a resumed run had already used. ``start``: when this session's time
     began, as ``now`` read it (default: now). ``lag``: steps between a decision and the step
     it governs (ranks act on what they agreed one step late), which the stop rule looks
-    ahead by. ``now``: the time source (a fake one in tests).
+    ahead by. ``time_driven``: the run was already time-driven (a resumed one). ``now``: the
+    time source (a fake one in tests).
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class BudgetClock:
         elapsed: float = 0.0,
         start: float | None = None,
         lag: int = 0,
+        time_driven: bool = False,
         now: Callable[[], float] = time.perf_counter,
     ):
         self.budget, self.total_steps, self.eval_steps = budget, total_steps, eval_steps
@@ -52,7 +54,7 @@ class BudgetClock:
         self.start = now() if start is None else start
         self.step_s = 0.0  # running estimate of one step's wall time
         self.eval_s: float | None = None  # the last evaluation's measured seconds
-        self.time_driven = False
+        self.time_driven = time_driven
         self.steps_seen = 0  # steps timed by this clock: the first ones compile and warm up
         self.timed_s, self.timed_steps = 0.0, 0  # the steps after those: their mean
         self.last_tick: float | None = None

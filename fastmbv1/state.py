@@ -67,6 +67,10 @@ class Totals:
     fp16_skipped_steps: int = 0
     compute_s: float = 0.0  # of train_s, augmenting and stepping (MLPerf's compute time)
     model_flops: float = 0.0  # conv and linear FLOPs of the images trained (fastmbv1.flops)
+    # The budget drove the schedule: a resumed run goes on by time from its first step, where
+    # a fresh clock's step count would send the LR back up (a fitted run plans more epochs
+    # than fit, so it is time-driven nearly throughout).
+    time_driven: bool = False
 
     def add(self, epoch, flops_per_image: float = 0.0) -> None:
         """Count one more epoch (a ``fastmbv1.train.Epoch``) of ``flops_per_image`` each."""

@@ -97,6 +97,15 @@ def test_compiling_first_step_and_evaluation_gaps_are_not_step_time():
     assert clock.step_s == pytest.approx(1.0)
 
 
+def test_a_resumed_time_driven_run_goes_on_by_time_from_its_first_step():
+    time = FakeTime()
+    # 60 s of 100 used, at step 300 of 1,000 planned: by time the schedule is at 0.6.
+    resumed = BudgetClock(100.0, 1000, eval_steps=0, elapsed=60.0, time_driven=True, now=time)
+    assert resumed.progress(300) == pytest.approx(60 / (100 - SAVE_RESERVE_S))
+    fresh = BudgetClock(100.0, 1000, eval_steps=0, elapsed=60.0, now=time)
+    assert fresh.progress(300) == pytest.approx(0.3)  # what a resume did: the LR back up
+
+
 def test_a_resumed_run_counts_its_earlier_time():
     time = FakeTime()
     clock = BudgetClock(100.0, 10, eval_steps=0, elapsed=40.0, now=time)

@@ -460,6 +460,16 @@ def test_dirac_makes_each_pointwise_conv_the_identity_where_it_can():
         torch.testing.assert_close(w[:n], torch.eye(*w.shape)[:n])
 
 
+def test_a_time_driven_run_saves_that_it_was(tmp_path, data):
+    from fastmbv1.checkpoint import latest_training_state
+
+    # 10,000 epochs cannot fit 8 s: time drives the schedule from the first timed steps.
+    cfg = tiny_config(tmp_path, data, epochs=10_000, budget=8.0, checkpoint_every=1)
+    train(cfg, on_epoch=lambda record: record["epoch"] == 1)
+    state, _ = latest_training_state(tmp_path / "run")
+    assert state["totals"]["time_driven"]  # so the resumed clock starts time-driven
+
+
 def test_a_resumed_run_keeps_the_reasons_for_its_fitted_recipe(tmp_path, data, monkeypatch):
     monkeypatch.setattr("fastmbv1.plan.measure_step", lambda *a, **k: {"images_per_s": 400.0})
     cfg = tiny_config(tmp_path, data, epochs=None, budget=30.0, checkpoint_every=1)
