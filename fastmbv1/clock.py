@@ -6,7 +6,8 @@ schedule's progress in [0, 1], where 1 means "stop now". Progress is the step co
 planned steps while they fit into the time left; once they no longer fit (and from then on,
 so the LR never jumps back) it is the larger of that and the time used over the time
 available, which anneals a budget-cut run to the end of its schedule. So a run that fits its
-budget is step-driven and repeats exactly, and one that does not still ends annealed.
+budget is step-driven and repeats exactly, and one that does not still ends annealed (as
+does a run whose epochs the budget chose: ``plan.PLAN_MARGIN`` plans more than fit).
 
 The time available keeps back a reserve for the final evaluation (as measured at the last
 evaluation, or guessed from the training speed before the first) and for the save. Training

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from fastmbv1.checkpoint import model_from_record, read_checkpoint
-from fastmbv1.config import default_eval_batch, read_toml
+from fastmbv1.config import dash, default_eval_batch, read_toml
 from fastmbv1.errors import UserError
 from fastmbv1.evaluate import evaluate
 from fastmbv1.info import IMAGE_SHAPE, batch_seconds, model_cost
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     the checkpoint decides the network.
     """
     check_request(args.ratio, args.target_macs)
-    given = [f"--{f}" for f in MODEL_FIELDS if f in overrides]
+    given = [f"--{dash(f)}" for f in MODEL_FIELDS if f in overrides]
     if given:
         raise UserError(f"{', '.join(given)}: the checkpoint decides the network")
     stored = read_checkpoint(args.checkpoint)

@@ -169,6 +169,7 @@ def test_training_flags_reach_the_fine_tuning_run(tmp_path, monkeypatch, config,
         (["--target-macs", "0"], "--target-macs must be > 0"),
         (["--target-macs", "1e12"], "is not below"),
         (["--ratio", "0.5", "--width", "0.5"], "the checkpoint decides"),
+        (["--ratio", "0.5", "--no-depthwise-relu"], "--depthwise-relu: the checkpoint decides"),
     ],
 )
 def test_bad_requests_are_one_line_errors(flags, message, tiny_checkpoint, capsys):
