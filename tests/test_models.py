@@ -85,6 +85,15 @@ def test_unknown_model_is_a_user_error():
     assert {"mobilenet_v1", "custom_mobilenet"} <= set(MODELS)
 
 
+def test_an_option_a_registered_network_does_not_take_is_a_user_error(monkeypatch):
+    # A network registered without depthwise blocks takes no depthwise_relu: asking for
+    # --no-depthwise-relu must say so in one line, not raise a TypeError from its constructor.
+    monkeypatch.setitem(MODELS, "plain", lambda width=1.0: nn.Linear(3, 10))
+    with pytest.raises(UserError, match="'plain' cannot be built .*depthwise_relu"):
+        build_model("plain", width=0.5, depthwise_relu=False)
+    assert isinstance(build_model("plain", width=0.5), nn.Linear)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_normalisation_keeps_the_batchs_dtype(dtype):
     # A half-size batch must stay half-size into the stem (autocast casts there anyway), and

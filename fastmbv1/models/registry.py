@@ -6,6 +6,7 @@ Its own module, below the model files: each model file registers itself here, an
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -24,4 +25,8 @@ def build_model(name: str, **kwargs) -> nn.Module:
     """Build the registered model ``name`` with its constructor arguments ``kwargs``."""
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
+    try:  # the signature only: a TypeError inside the constructor is a bug, not the user's
+        inspect.signature(MODELS[name]).bind(**kwargs)
+    except TypeError as e:  # e.g. --no-depthwise-relu for a network without depthwise blocks
+        raise UserError(f"model {name!r} cannot be built with these options: {e}") from None
     return MODELS[name](**kwargs)
