@@ -117,11 +117,10 @@ def test_epochs_fit_the_budget_at_the_measured_speed(tmp_path, data, monkeypatch
     for name in ("fast", "slow"):
         # 200 images an epoch: 0.5 s at 400 images/s, 2 s at 100.
         cfg = tiny_config(tmp_path, data, name, epochs=None, budget=30.0, eval_every=None)
-        result = train(cfg)
+        train(cfg)
         saved = json.loads((tmp_path / name / "config.json").read_text())
         epochs.append(saved["epochs"])
         assert "measured" in saved["why"]["epochs"] and f"{epochs[-1]}:" in saved["why"]["epochs"]
-        assert result.summary["epochs_done"] <= saved["epochs"]
     assert "images/s" in capsys.readouterr().err  # the choice is printed with its reason
     # Per epoch 200 images plus a few percent; the budget less startup, final eval and save;
     # then half as many again.
