@@ -274,7 +274,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # that fit. Pointwise convs start as the identity: +4.0 points at width 0.25 in 5 epochs,
     # two seeds each. The saved model averages six views (mirror x 1-pixel shifts): on the
     # same weights +0.63 points at width 0.25 x 5 epochs and +0.29 at 0.5 x 8, two seeds each,
-    # for an evaluation 2-3 times as long (bench/results/ab-cpu-recipe.md).
+    # for an evaluation 2-3 times as long. Shifts of up to 2 pixels, not 4, and no ReLU after
+    # the depthwise convs: together +3.94 points at width 0.25 x 5 and +2.04 at 0.5 x 8, two
+    # seeds each (bench/results/ab-cpu-recipe.md).
     "cpu": {
         "width": None,
         "batch_size": 128,
@@ -283,6 +285,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "budget": 600.0,
         "dirac": True,
         "tta_translate": True,
+        "translate": 2,
+        "depthwise_relu": False,
     },
     # The original project's CustomMobileNet recipe, field for field (facts.md).
     "custom": {

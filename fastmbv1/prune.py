@@ -183,8 +183,10 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     model = model_from_record(record, args.checkpoint)
     name, kwargs = record["model"], record["kwargs"]
     given = {**(read_toml(args.config) if args.config else {}), **overrides}
-    # The trainer takes the network as given; these fields only make config.json say so.
-    architecture = {"model": name, **{f: kwargs[f] for f in MODEL_FIELDS if f in kwargs}}
+    # The trainer takes the network as given; these fields only make config.json say so. A
+    # network saved with its depthwise ReLUs records no depthwise_relu (step.build_run).
+    architecture = {"model": name, "depthwise_relu": True}
+    architecture.update({f: kwargs[f] for f in MODEL_FIELDS if f in kwargs})
     # The original recipes carry over; the fast and cpu ones are what auto picks for a device,
     # and this machine's device may not be the one that trained the checkpoint.
     preset = trained_with.get("preset")

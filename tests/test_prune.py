@@ -136,6 +136,8 @@ def test_prune_cli_fine_tunes_and_reports(tmp_path, tiny_checkpoint, capsys):
     assert report["after"]["macs"] <= 0.3 * report["before"]["macs"]
     record = torch.load(out / "final.pt", weights_only=True)
     assert record["kwargs"] == {"width": 0.25, "channels": report["channels_after"]}
+    # The checkpoint has its depthwise ReLUs; the cpu recipe it was fine-tuned by has none.
+    assert json.loads((out / "config.json").read_text())["depthwise_relu"] is True
     assert fastmbv1.load(out / "final.pt")(torch.rand(1, 3, 32, 32)).shape == (1, 10)
 
 
