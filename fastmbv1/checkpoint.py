@@ -98,6 +98,8 @@ def model_from_record(record: dict, where: str | os.PathLike = "checkpoint") -> 
         model.load_state_dict(record["state_dict"])
     except KeyError as e:
         raise UserError(f"{where} lacks {e} in its model record") from e
+    except UserError as e:  # an unknown network, or options its constructor does not take
+        raise UserError(f"{where}: {e}") from None
     except (RuntimeError, TypeError, ValueError) as e:
         raise UserError(
             f"{where} does not match model {record['model']} {record['kwargs']}: {one_line(e)}"

@@ -419,7 +419,10 @@ def resumed_settings(run_dir: str | Path, overrides: dict[str, Any]) -> dict[str
                 f" on resume only {', '.join('--' + dash(n) for n in sorted(SAFE_ON_RESUME))}"
                 " may change"
             )
-    return {**stored, **overrides}
+    # A field added after the run started is missing from its config.json. The run had the
+    # behaviour from before the field, which is the field's default, not what a preset now sets.
+    missing = {f.name: f.default for f in fields(TrainConfig) if f.name not in stored}
+    return {**missing, **stored, **overrides}
 
 
 # config.json keeps, beside the fields, why the machine-dependent ones got their values.

@@ -34,7 +34,7 @@ from fastmbv1.distributed import World
 from fastmbv1.ema import WeightAverage
 from fastmbv1.errors import one_line
 from fastmbv1.evaluate import autocast
-from fastmbv1.models import build_model
+from fastmbv1.models import build_model, takes
 from fastmbv1.models.init import dirac_pointwise, whiten_stem
 from fastmbv1.optim import SGDWithMuon, build_optimizer
 
@@ -109,15 +109,17 @@ def build_run(
         # A size the budget has not chosen (a preset built without a run) is the smallest.
         smallest = narrowest(cfg)
         name, width = smallest.model, smallest.width
+        drop_relu = not cfg.depthwise_relu and takes(name, "depthwise_relu")
         kwargs = dict(
             width=width,
             normalize=cfg.normalize,
             dropout=cfg.dropout,
             tta=cfg.tta,
             tta_translate=cfg.tta_translate,
-            # Only when off: a registered network without depthwise blocks need not take it,
-            # and the default network's final.pt records what it did before.
-            **({} if cfg.depthwise_relu else {"depthwise_relu": False}),
+            # Only when off, and only to a network that takes it: one registered without
+            # depthwise blocks has no such ReLU to drop, and a final.pt with the ReLUs records
+            # what it did before the option.
+            **({"depthwise_relu": False} if drop_relu else {}),
         )
         model = build_model(name, **kwargs)
         if cfg.whiten and images is not None:

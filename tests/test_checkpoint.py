@@ -75,7 +75,9 @@ def test_unnormalised_model_records_no_normalisation(tmp_path):
     assert fastmbv1.load(path)(torch.rand(1, 3, 32, 32)).shape == (1, 10)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "folder", "missing", "other-model"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "garbage", "folder", "missing", "other-model", "unknown-option"]
+)
 def test_bad_model_files_are_one_line_errors(tmp_path, damage):
     _, path = saved(tmp_path, width=0.25)
     if damage == "truncated":
@@ -87,9 +89,9 @@ def test_bad_model_files_are_one_line_errors(tmp_path, damage):
         path.mkdir()
     elif damage == "missing":
         path.unlink()
-    else:  # weights of another width under this name and kwargs
+    else:  # weights of another width, or an option the network does not take
         record = torch.load(path, weights_only=True)
-        record["kwargs"] = {"width": 0.5}
+        record["kwargs"] = {"width": 0.5} if damage == "other-model" else {"bogus": 1}
         torch.save(record, path)
     with pytest.raises(UserError) as e:
         fastmbv1.load(path)

@@ -5,7 +5,8 @@ import torch.nn as nn
 import fastmbv1
 from fastmbv1.checkpoint import save_model
 from fastmbv1.errors import UserError
-from fastmbv1.models import MODELS, build_model
+from fastmbv1.models import MODELS, build_model, takes
+from fastmbv1.models.mobilenet import Classifier
 
 PARAMS = {"mobilenet_v1": 3_217_226, "custom_mobilenet": 1_001_642}
 
@@ -85,13 +86,35 @@ def test_unknown_model_is_a_user_error():
     assert {"mobilenet_v1", "custom_mobilenet"} <= set(MODELS)
 
 
-def test_an_option_a_registered_network_does_not_take_is_a_user_error(monkeypatch):
-    # A network registered without depthwise blocks takes no depthwise_relu: asking for
-    # --no-depthwise-relu must say so in one line, not raise a TypeError from its constructor.
+def test_an_option_a_network_does_not_take_is_a_user_error(monkeypatch):
+    # Checked against the class's own signature, as registered: a TypeError from deep in its
+    # constructor would be a traceback.
+    with pytest.raises(UserError, match="'mobilenet_v1' cannot be built .*'bogus'"):
+        build_model("mobilenet_v1", width=0.25, bogus=1)
     monkeypatch.setitem(MODELS, "plain", lambda width=1.0: nn.Linear(3, 10))
     with pytest.raises(UserError, match="'plain' cannot be built .*depthwise_relu"):
         build_model("plain", width=0.5, depthwise_relu=False)
     assert isinstance(build_model("plain", width=0.5), nn.Linear)
+
+
+def flat_classifier(width=1.0, normalize=True, dropout=0.0, tta=False, tta_translate=False):
+    """Normalise, pool, classify: a network without depthwise blocks, so no depthwise_relu."""
+    identity = nn.Identity()
+    return Classifier(identity, identity, 3, 10, normalize, dropout, tta, tta_translate)
+
+
+def test_the_recipe_drops_depthwise_relus_only_where_a_network_has_them(monkeypatch):
+    from fastmbv1.plan import make_config
+    from fastmbv1.step import build_run
+
+    monkeypatch.setitem(MODELS, "flat", flat_classifier)
+    monkeypatch.setitem(MODELS, "open", lambda **kwargs: flat_classifier())
+    assert takes("mobilenet_v1", "depthwise_relu") and takes("open", "depthwise_relu")
+    assert not takes("flat", "depthwise_relu")
+    # The cpu recipe has no depthwise ReLU, and builds the flat network all the same.
+    cfg = make_config({"preset": "cpu", "model": "flat", "width": 0.25})
+    assert not cfg.depthwise_relu
+    assert "depthwise_relu" not in build_run(cfg, torch.device("cpu")).kwargs
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

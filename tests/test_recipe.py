@@ -107,6 +107,19 @@ def test_auto_never_reaches_a_saved_config_and_resume_keeps_the_resolved_one(
     assert (resumed.preset, resumed.model) == ("cpu", "mobilenet_v1")
 
 
+def test_a_resumed_run_keeps_the_defaults_of_fields_added_after_it_started(tmp_path):
+    # A config.json from before --translate and --depthwise-relu: that run shifted images by up
+    # to 4 pixels, whatever the cpu preset says now, and its checkpoint has the ReLUs.
+    run = tmp_path / "old"
+    run.mkdir()
+    cfg = make_config({"preset": "cpu", "width": 0.25, "epochs": 2, "batch_size": 64})
+    stored = {k: v for k, v in vars(cfg).items() if k not in ("translate", "depthwise_relu")}
+    (run / "config.json").write_text(json.dumps(stored))
+    resumed = resume_config(run, {})
+    assert (resumed.translate, resumed.depthwise_relu) == (4, True)
+    assert (resumed.preset, resumed.batch_size, resumed.dirac) == ("cpu", 64, True)
+
+
 def test_epochs_fit_the_budget_at_the_measured_speed(tmp_path, data, monkeypatch, capsys):
     speeds = iter([400.0, 100.0])  # images/s: a fast machine, then a four times slower one
     monkeypatch.setattr(

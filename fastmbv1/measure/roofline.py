@@ -234,7 +234,13 @@ def predict(preset: str, card: Card) -> dict:
     cfg = narrowest(make_config({"preset": preset, "device": "cuda"}))
     amp = cfg.amp or default_amp(cuda=True)
     compiled = True if cfg.compile is None else cfg.compile  # the CUDA default
-    model = build_model(cfg.model, width=cfg.width, normalize=cfg.normalize, dropout=cfg.dropout)
+    model = build_model(
+        cfg.model,
+        width=cfg.width,
+        normalize=cfg.normalize,
+        dropout=cfg.dropout,
+        depthwise_relu=cfg.depthwise_relu,
+    )
     costs = step_costs(model, cfg)
     peak, peak_dtype = card.peak(step_dtype(amp))
     bounds = layer_bounds(costs, cfg.batch_size, amp, peak, card.bandwidth)

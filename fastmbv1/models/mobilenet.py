@@ -155,6 +155,5 @@ class MobileNetV1(Classifier):
         )
 
 
-@register_model
-def mobilenet_v1(**kwargs) -> MobileNetV1:
-    return MobileNetV1(**kwargs)
+# The class itself, so that build_model checks options against its signature.
+register_model(MobileNetV1, "mobilenet_v1")

@@ -16,9 +16,18 @@ from fastmbv1.errors import UserError
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    MODELS[fn.__name__] = fn
+def register_model(
+    fn: Callable[..., nn.Module], name: str | None = None
+) -> Callable[..., nn.Module]:
+    """Register a network's constructor, a class or a function, as ``name`` (else its own)."""
+    MODELS[name or fn.__name__] = fn
     return fn
+
+
+def takes(name: str, option: str) -> bool:
+    """Whether the network registered as ``name`` takes the keyword argument ``option``."""
+    params = inspect.signature(MODELS[name]).parameters.values()
+    return any(p.name == option or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
