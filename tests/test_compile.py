@@ -139,6 +139,16 @@ def tiny_classifier(
     return Classifier(identity, identity, 3, num_classes, normalize, dropout, tta, tta_translate)
 
 
+def test_six_views_compile_to_the_eager_answer():
+    # The fast recipe's saved model averages six views, and a GPU run evaluates it compiled:
+    # real Inductor must give the eager model's answer (the views live in Classifier.forward).
+    torch.manual_seed(0)
+    model = tiny_classifier(tta=True, tta_translate=True).eval()
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x))
+
+
 def test_summary_says_cold_then_warm_and_artifacts_warm_a_fresh_cache(tmp_path, data, monkeypatch):
     # Real Inductor on a tiny model: a fresh cache folder misses and records its
     # cold seconds; the same folder then hits and records warm seconds beside them; and the

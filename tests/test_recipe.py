@@ -69,7 +69,7 @@ def test_the_evaluation_batch_follows_the_device_unless_given(tmp_path, data, mo
     assert [config.default_eval_batch(False, views) for views in (1, 2, 6)] == [128, 64, 21]
     assert config.default_eval_batch(True, 6) == 1000
     # Every preset, the original project's too: the batch changes the speed, not the score.
-    views = {"fast": 2, "cpu": 6, "baseline": 1, "custom": 1}
+    views = {"fast": 6, "cpu": 6, "baseline": 1, "custom": 1}
     for preset in config.PRESETS:
         cfg, why = resolve(make_config({"preset": preset, "device": "cpu"}), cpu)
         batch = 128 // views[preset]
