@@ -280,7 +280,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # same weights +0.63 points at width 0.25 x 5 epochs and +0.29 at 0.5 x 8, two seeds each,
     # for an evaluation 2-3 times as long. Shifts of up to 2 pixels, not 4, and no ReLU after
     # the depthwise convs: together +3.94 points at width 0.25 x 5 and +2.04 at 0.5 x 8, two
-    # seeds each (bench/results/ab-cpu-recipe.md).
+    # seeds each (bench/results/ab-cpu-recipe.md); not yet measured on CustomMobileNet, which
+    # the hour takes where the machine fits 24 of its epochs.
     "cpu": {
         "width": None,
         "batch_size": 128,

@@ -36,6 +36,6 @@ def build_model(name: str, **kwargs) -> nn.Module:
         raise UserError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
     try:  # the signature only: a TypeError inside the constructor is a bug, not the user's
         inspect.signature(MODELS[name]).bind(**kwargs)
-    except TypeError as e:  # e.g. --no-depthwise-relu for a network without depthwise blocks
+    except TypeError as e:  # e.g. a saved record or a flag naming an option it does not have
         raise UserError(f"model {name!r} cannot be built with these options: {e}") from None
     return MODELS[name](**kwargs)
