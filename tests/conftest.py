@@ -155,3 +155,16 @@ def tiny_config(tmp_path: Path, data, name: str = "run", **fields):
         eval_every=1,
     )
     return make_config({**base, **fields})
+
+
+def tiny_classifier(
+    width=1.0, normalize=True, dropout=0.0, tta=False, tta_translate=False, num_classes=10
+):
+    """Normalise, pool, classify: a network Inductor compiles in a few kernels, not minutes,
+    and one without depthwise blocks (it takes no ``depthwise_relu``)."""
+    import torch
+
+    from fastmbv1.models.mobilenet import Classifier
+
+    identity = torch.nn.Identity()
+    return Classifier(identity, identity, 3, num_classes, normalize, dropout, tta, tta_translate)

@@ -9,13 +9,12 @@ import json
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import tiny_batches, tiny_config, write_archive
+from conftest import tiny_batches, tiny_classifier, tiny_config, write_archive
 
 import fastmbv1
 from fastmbv1 import step
 from fastmbv1 import train as train_module
 from fastmbv1.models import MODELS
-from fastmbv1.models.mobilenet import Classifier
 from fastmbv1.train import train
 
 
@@ -129,14 +128,6 @@ def test_two_gloo_ranks_train_compiled_in_step(tmp_path, data):
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
     assert json.loads((out / "summary.json").read_text())["compile_s"] > 0
-
-
-def tiny_classifier(
-    width=1.0, normalize=True, dropout=0.0, tta=False, tta_translate=False, num_classes=10
-):
-    """Normalise, pool, classify: a network Inductor compiles in a few kernels, not minutes."""
-    identity = torch.nn.Identity()
-    return Classifier(identity, identity, 3, num_classes, normalize, dropout, tta, tta_translate)
 
 
 def test_six_views_compile_to_the_eager_answer():

@@ -1,12 +1,12 @@
 import pytest
 import torch
 import torch.nn as nn
+from conftest import tiny_classifier
 
 import fastmbv1
 from fastmbv1.checkpoint import save_model
 from fastmbv1.errors import UserError
 from fastmbv1.models import MODELS, build_model, takes
-from fastmbv1.models.mobilenet import Classifier
 
 PARAMS = {"mobilenet_v1": 3_217_226, "custom_mobilenet": 1_001_642}
 
@@ -97,18 +97,12 @@ def test_an_option_a_network_does_not_take_is_a_user_error(monkeypatch):
     assert isinstance(build_model("plain", width=0.5), nn.Linear)
 
 
-def flat_classifier(width=1.0, normalize=True, dropout=0.0, tta=False, tta_translate=False):
-    """Normalise, pool, classify: a network without depthwise blocks, so no depthwise_relu."""
-    identity = nn.Identity()
-    return Classifier(identity, identity, 3, 10, normalize, dropout, tta, tta_translate)
-
-
 def test_the_recipe_drops_depthwise_relus_only_where_a_network_has_them(monkeypatch):
     from fastmbv1.plan import make_config
     from fastmbv1.step import build_run
 
-    monkeypatch.setitem(MODELS, "flat", flat_classifier)
-    monkeypatch.setitem(MODELS, "open", lambda **kwargs: flat_classifier())
+    monkeypatch.setitem(MODELS, "flat", tiny_classifier)
+    monkeypatch.setitem(MODELS, "open", lambda **kwargs: tiny_classifier())
     assert takes("mobilenet_v1", "depthwise_relu") and takes("open", "depthwise_relu")
     assert not takes("flat", "depthwise_relu")
     # The cpu recipe has no depthwise ReLU, and builds the flat network all the same.
