@@ -246,6 +246,14 @@ def fit_epochs(
         tried.append(f"{fits:.1f} epochs of {size} (needs {fewest})")
         if fits >= fewest:
             break
+    if fits <= 0:  # not even the final evaluation fits: any run would overrun its budget
+        raise UserError(
+            f"--budget {cfg.budget:g} is too short on this machine now: {max(left_s, 0):.0f} s "
+            f"are left after start-up, and evaluating the {n_test:,} test images "
+            f"({cfg.eval_views} views each) takes about {eval_cost(cfg, n_test) / speed:.0f} s "
+            f"at the {speed:,.0f} images/s measured; give a larger --budget, or fewer test "
+            "images with --test-limit"
+        )
     epochs = max(1, math.ceil(fits * (1 + PLAN_MARGIN)))
     why = {
         "epochs": f"{epochs}: measured {speed:,.0f} images/s on a random batch; the "

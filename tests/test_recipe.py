@@ -157,6 +157,20 @@ def test_fit_counts_what_is_left_of_the_budget(monkeypatch):
     assert full.width == late.width == 0.25
 
 
+def test_a_budget_too_short_for_the_final_evaluation_is_refused_before_the_run(monkeypatch):
+    # A fresh clone's first run beside another job timed 110 images/s: six views of 10,000
+    # test images then take about 160 s, and a 60 s run trained 2 steps and ended at 128 s.
+    monkeypatch.setattr("fastmbv1.plan.measure_step", lambda *a, **k: {"images_per_s": 110.0})
+    cfg = make_config({"preset": "cpu", "width": 0.25, "budget": 60.0})
+    with pytest.raises(UserError, match="--budget 60 is too short .* about 164 s at the 110 "):
+        plan.fit_epochs(cfg, torch.device("cpu"), World(), plan.time.perf_counter(), 50, 10_000)
+    # With fewer test images the evaluation fits, and the run goes ahead.
+    fitted, _ = plan.fit_epochs(
+        cfg, torch.device("cpu"), World(), plan.time.perf_counter(), 50, 1_000
+    )
+    assert fitted.epochs >= 1
+
+
 @pytest.mark.parametrize("faster", [1.0, 1.4])
 def test_a_machine_faster_than_timed_still_fills_its_budget(monkeypatch, faster):
     # Timed at 1,000 images/s, the machine then steps 1.4 times as fast (as a shared one did
