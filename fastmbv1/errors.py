@@ -13,6 +13,10 @@ class UserError(FastError):
     exit_status = 2
 
 
+class BudgetTooShort(UserError):
+    """The budget cannot hold even the final evaluation at the speed measured at start."""
+
+
 class Interrupted(FastError):
     """SIGINT/SIGTERM stopped a run after it saved a checkpoint; the message says how to resume."""
 

@@ -32,7 +32,7 @@ from fastmbv1.compile_cache import read_record, setting_key
 from fastmbv1.config import DEFAULT_MODEL, WIDTHS, TrainConfig, narrowest
 from fastmbv1.data import RunData, run_pipelines
 from fastmbv1.distributed import World, split_batch
-from fastmbv1.errors import UserError
+from fastmbv1.errors import BudgetTooShort, UserError
 from fastmbv1.step import compile_problem
 from fastmbv1.timing import measure_step
 from pipelines import default_pipeline, unavailable
@@ -247,12 +247,14 @@ def fit_epochs(
         if fits >= fewest:
             break
     if fits <= 0:  # not even the final evaluation fits: any run would overrun its budget
-        raise UserError(
+        fewer_views = ", or fewer views with --no-tta-translate" if cfg.eval_views == 6 else ""
+        raise BudgetTooShort(
             f"--budget {cfg.budget:g} is too short on this machine now: {max(left_s, 0):.0f} s "
             f"are left after start-up, and evaluating the {n_test:,} test images "
-            f"({cfg.eval_views} views each) takes about {eval_cost(cfg, n_test) / speed:.0f} s "
-            f"at the {speed:,.0f} images/s measured; give a larger --budget, or fewer test "
-            "images with --test-limit"
+            f"({cfg.eval_views} views each) and saving take about "
+            f"{eval_cost(cfg, n_test) / speed + SAVE_RESERVE_S:.0f} s at the {speed:,.0f} "
+            f"images/s measured; give a larger --budget, fewer test images with --test-limit"
+            f"{fewer_views}"
         )
     epochs = max(1, math.ceil(fits * (1 + PLAN_MARGIN)))
     why = {

@@ -220,6 +220,19 @@ def test_an_accuracy_trial_its_budget_cuts_short_fails(tmp_path, inputs):
     assert trial.state == TrialState.FAIL
 
 
+def test_a_trial_its_budget_cannot_hold_fails_and_the_study_goes_on(tmp_path, inputs, monkeypatch):
+    from fastmbv1.errors import BudgetTooShort
+
+    def too_short(cfg, on_epoch=None):
+        raise BudgetTooShort("--budget 60 is too short on this machine now")
+
+    monkeypatch.setattr("fastmbv1.tune.objective.train", too_short)
+    args = tune_args(tmp_path, *inputs)
+    args[args.index("--trials") + 1] = "2"
+    assert main(args) == 0
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.FAIL] * 2
+
+
 def test_killed_tuner_continues_the_same_study(tmp_path, inputs):
     args = tune_args(tmp_path, *inputs)
     proc = subprocess.Popen(

@@ -38,7 +38,7 @@ from typing import Any
 
 import optuna
 
-from fastmbv1.errors import Diverged, Interrupted, UserError
+from fastmbv1.errors import BudgetTooShort, Diverged, Interrupted, UserError
 from fastmbv1.plan import make_config
 from fastmbv1.train import train
 from fastmbv1.tune.space import Space
@@ -147,6 +147,10 @@ class Objective:
         except Diverged as e:
             # A recipe that blows up is a bad recipe, not a broken study: score what it reached.
             print(f"trial {trial.number} diverged: {e}", flush=True)
+        except BudgetTooShort as e:
+            # Timed slow (a slow setting, or a busy minute): a failed trial, not a broken study.
+            print(f"trial {trial.number}: {e}", flush=True)
+            return math.nan  # Optuna records the trial as failed
         except Interrupted:
             raise Interrupted(
                 f"trial {trial.number} interrupted; run the same fastmbv1 tune command again "
