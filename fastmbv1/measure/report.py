@@ -116,7 +116,9 @@ def launch(
     """Train one run per preset into ``runs_dir/<preset>-<budget>s`` (replacing an older one).
 
     ``overrides`` and ``config_file`` apply on top of each preset, as flags and ``--config``
-    do for ``fastmbv1 train``; every config is checked before the first run starts.
+    do for ``fastmbv1 train``; every config is checked before the first run starts. A run
+    whose budget the plan finds too short for its final evaluation on this machine is still
+    refused at its own start (``fastmbv1.errors.BudgetTooShort``), after the runs before it.
     """
     configs = []
     for preset in presets:
