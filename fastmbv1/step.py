@@ -88,6 +88,24 @@ def compile_problem(device: torch.device) -> str | None:
     return None
 
 
+def model_spec(cfg: TrainConfig) -> tuple[str, dict]:
+    """The registered network ``cfg`` trains and the options it is built with. A size the
+    budget has not chosen (a preset built without a run) is the smallest."""
+    smallest = narrowest(cfg)
+    drop_relu = not cfg.depthwise_relu and takes(smallest.model, "depthwise_relu")
+    return smallest.model, dict(
+        width=smallest.width,
+        normalize=cfg.normalize,
+        dropout=cfg.dropout,
+        tta=cfg.tta,
+        tta_translate=cfg.tta_translate,
+        # Only when off, and only to a network that takes it: one registered without
+        # depthwise blocks has no such ReLU to drop, and a final.pt with the ReLUs records
+        # what it did before the option.
+        **({"depthwise_relu": False} if drop_relu else {}),
+    )
+
+
 def build_run(
     cfg: TrainConfig,
     device: torch.device,
@@ -106,21 +124,7 @@ def build_run(
     """
     world = world or World()
     if model is None:
-        # A size the budget has not chosen (a preset built without a run) is the smallest.
-        smallest = narrowest(cfg)
-        name, width = smallest.model, smallest.width
-        drop_relu = not cfg.depthwise_relu and takes(name, "depthwise_relu")
-        kwargs = dict(
-            width=width,
-            normalize=cfg.normalize,
-            dropout=cfg.dropout,
-            tta=cfg.tta,
-            tta_translate=cfg.tta_translate,
-            # Only when off, and only to a network that takes it: one registered without
-            # depthwise blocks has no such ReLU to drop, and a final.pt with the ReLUs records
-            # what it did before the option.
-            **({"depthwise_relu": False} if drop_relu else {}),
-        )
+        name, kwargs = model_spec(cfg)
         model = build_model(name, **kwargs)
         if cfg.whiten and images is not None:
             whiten_stem(model, images)

@@ -33,7 +33,7 @@ from fastmbv1.measure.results import Table
 from fastmbv1.models import build_model
 from fastmbv1.peak import cache_file, cached_peaks, measure_peaks, step_dtype
 from fastmbv1.plan import default_amp, make_config
-from fastmbv1.step import Run, build_run
+from fastmbv1.step import Run, build_run, model_spec
 from fastmbv1.tables import Column, render_table
 from fastmbv1.timing import timed
 
@@ -234,13 +234,8 @@ def predict(preset: str, card: Card) -> dict:
     cfg = narrowest(make_config({"preset": preset, "device": "cuda"}))
     amp = cfg.amp or default_amp(cuda=True)
     compiled = True if cfg.compile is None else cfg.compile  # the CUDA default
-    model = build_model(
-        cfg.model,
-        width=cfg.width,
-        normalize=cfg.normalize,
-        dropout=cfg.dropout,
-        depthwise_relu=cfg.depthwise_relu,
-    )
+    name, kwargs = model_spec(cfg)
+    model = build_model(name, **kwargs)
     costs = step_costs(model, cfg)
     peak, peak_dtype = card.peak(step_dtype(amp))
     bounds = layer_bounds(costs, cfg.batch_size, amp, peak, card.bandwidth)
