@@ -26,6 +26,7 @@ from fastmbv1.machine import pick_device
 from fastmbv1.metrics import write_json
 from fastmbv1.models import build_model
 from fastmbv1.plan import make_config
+from fastmbv1.step import MODEL_FIELDS
 from fastmbv1.tables import Column, render_table
 from fastmbv1.train import train
 from pipelines import build_pipeline
@@ -35,8 +36,6 @@ from pipelines.cifar10 import load_cifar10
 # the MACs fit, so it overshoots the target by at most one step (about 2.5 % of channels).
 MAX_RATIO = 0.95
 TARGET_STEPS = 38
-# The architecture comes from the checkpoint; these flags would describe a different network.
-MODEL_FIELDS = ("model", "width", "normalize", "dropout", "depthwise_relu", "tta", "tta_translate")
 LATENCY_REPEATS = 20
 
 

@@ -88,22 +88,22 @@ def compile_problem(device: torch.device) -> str | None:
     return None
 
 
+# The config fields that decide the network: model_spec builds it from them, and prune,
+# whose network comes from its checkpoint, refuses them as flags.
+MODEL_FIELDS = ("model", "width", "normalize", "dropout", "depthwise_relu", "tta", "tta_translate")
+
+
 def model_spec(cfg: TrainConfig) -> tuple[str, dict]:
     """The registered network ``cfg`` trains and the options it is built with. A size the
     budget has not chosen (a preset built without a run) is the smallest."""
     smallest = narrowest(cfg)
-    drop_relu = not cfg.depthwise_relu and takes(smallest.model, "depthwise_relu")
-    return smallest.model, dict(
-        width=smallest.width,
-        normalize=cfg.normalize,
-        dropout=cfg.dropout,
-        tta=cfg.tta,
-        tta_translate=cfg.tta_translate,
-        # Only when off, and only to a network that takes it: one registered without
-        # depthwise blocks has no such ReLU to drop, and a final.pt with the ReLUs records
-        # what it did before the option.
-        **({"depthwise_relu": False} if drop_relu else {}),
-    )
+    kwargs = {f: getattr(smallest, f) for f in MODEL_FIELDS[1:]}
+    # Only when off, and only to a network that takes it: one registered without depthwise
+    # blocks has no such ReLU to drop, and a final.pt with the ReLUs records what it did
+    # before the option.
+    if cfg.depthwise_relu or not takes(smallest.model, "depthwise_relu"):
+        del kwargs["depthwise_relu"]
+    return smallest.model, kwargs
 
 
 def build_run(
