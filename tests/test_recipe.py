@@ -456,6 +456,18 @@ def test_the_whitened_stem_is_deterministic_and_whitens_the_patches():
     assert not torch.equal(model.stem[0].weight, stems[0])
 
 
+def test_whitening_leaves_a_network_without_a_conv_stem_as_it_is():
+    # The cpu recipe whitens by default, and a registered network need not have a conv stem.
+    from conftest import tiny_classifier
+
+    from fastmbv1.models.init import whiten_stem
+
+    model = tiny_classifier(width=0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    whiten_stem(model, np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_the_recipe_pipelines_take_the_configs_augmentation():
     from fastmbv1.data import recipe_pipeline
 

@@ -25,8 +25,12 @@ EPS = 5e-4  # added to the eigenvalues, so the faintest components are not blown
 @torch.no_grad()
 def whiten_stem(model: nn.Module, images: np.ndarray) -> None:
     """Set ``model.stem[0]`` (a conv) from the patch whitening of ``images`` (N, 32, 32, 3)
-    uint8, as the model sees them (after its own normalisation)."""
-    conv = model.stem[0]
+    uint8, as the model sees them (after its own normalisation). A model whose stem does not
+    start with a conv is left as it is, as ``dirac_pointwise`` leaves one without blocks."""
+    stem = getattr(model, "stem", None)
+    conv = stem[0] if isinstance(stem, nn.Sequential) else None
+    if not isinstance(conv, nn.Conv2d):
+        return
     x = torch.tensor(images[:WHITEN_IMAGES]).permute(0, 3, 1, 2)  # a copy: the cache is read-only
     x = model.normalize(x.float().div(255))
     patches = F.unfold(x, conv.kernel_size).transpose(1, 2).flatten(0, 1).double()
