@@ -8,6 +8,8 @@ so the LR never jumps back) it is the larger of that and the time used over the 
 available, which anneals a budget-cut run to the end of its schedule. So a run that fits its
 budget is step-driven and repeats exactly, and one that does not still ends annealed (as
 does a run whose epochs the budget chose: ``plan.PLAN_MARGIN`` plans more than fit).
+A resumed run's time takes the schedule on from the progress it had reached, so a resume
+with a larger budget stretches what was left rather than sending the LR back up.
 
 The time available keeps back a reserve for the final evaluation (as measured at the last
 evaluation, or guessed from the training speed before the first) and for the save. Training
@@ -47,6 +49,7 @@ class BudgetClock:
         start: float | None = None,
         lag: int = 0,
         time_driven: bool = False,
+        resumed_at: float | None = None,
         now: Callable[[], float] = time.perf_counter,
     ):
         self.budget, self.total_steps, self.eval_steps = budget, total_steps, eval_steps
@@ -55,7 +58,8 @@ class BudgetClock:
         self.start = now() if start is None else start
         self.step_s = 0.0  # running estimate of one step's wall time
         self.eval_s: float | None = None  # the last evaluation's measured seconds
-        self.time_driven = time_driven
+        self.time_driven, self.resumed_at = time_driven, resumed_at
+        self.reached = 0.0  # the progress last answered: where a resume goes on from
         self.steps_seen = 0  # steps timed by this clock: the first ones compile and warm up
         self.timed_s, self.timed_steps = 0.0, 0  # the steps after those: their mean
         self.last_tick: float | None = None
@@ -106,8 +110,17 @@ class BudgetClock:
         self.time_driven = self.time_driven or now + self.step_s * (self.total_steps - step) > limit
         progress = step / self.total_steps
         if self.time_driven:
-            progress = max(progress, (now + self.step_s * (1 + self.lag)) / max(limit, 1e-9))
+            progress = max(progress, self.by_time(now + self.step_s * (1 + self.lag), limit))
+        self.reached = min(progress, 1.0)  # beyond 1 only says how overdue the stop is
         return progress
+
+    def by_time(self, wall: float, limit: float) -> float:
+        """Progress by time at ``wall`` seconds: from where this session started to 1 at
+        ``limit``, in proportion."""
+        if self.resumed_at is None:
+            return wall / max(limit, 1e-9)
+        left = max(limit - self.elapsed, 1e-9)
+        return self.resumed_at + (1 - self.resumed_at) * (wall - self.elapsed) / left
 
     def fits_a_step(self, after: float = 0.0) -> bool:
         """Whether one more step would still fit if ``after`` seconds were spent first."""

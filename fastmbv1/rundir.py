@@ -29,10 +29,19 @@ RESTART_NEEDS_OUT = (
 )
 # What a run writes besides its checkpoints (--overwrite clears them all).
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.pt", EXIT_FILE)
+# How a run ends with its learning-rate schedule done (a resume's time takes the schedule on
+# from where it was, clock.py). A run stopped by --target-acc or a tuner may go on.
+SCHEDULE_DONE = ("epochs", "budget")
 
 
 def prepare_out(cfg: TrainConfig, resume: str | None, overwrite: bool, write: bool) -> Path:
     out = Path(resume or cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    ended = stopped_by(out) if resume else None
+    if ended in SCHEDULE_DONE:
+        raise UserError(
+            f"--resume {out}: the run ended with its schedule (stopped by {ended}), so "
+            "no --budget leaves it anything to train; final.pt holds it: start a new run"
+        )
     if not write:
         return out
     if out.exists() and not out.is_dir():
@@ -51,6 +60,14 @@ def prepare_out(cfg: TrainConfig, resume: str | None, overwrite: bool, write: bo
     except OSError as e:
         raise UserError(f"output folder {out} is not writable ({e.strerror})") from None
     return out
+
+
+def stopped_by(out: Path) -> str | None:
+    """What ended the finished run in ``out`` (summary.json), or None if none has ended."""
+    try:
+        return json.loads((out / "summary.json").read_text()).get("stopped_by")
+    except (OSError, ValueError):
+        return None
 
 
 def may_restart() -> bool:

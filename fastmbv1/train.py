@@ -335,7 +335,7 @@ def train(
     clock = BudgetClock(
         cfg.budget, cfg.epochs * steps, eval_steps=eval_steps,
         elapsed=totals.wall_s, start=start, lag=int(world.active),
-        time_driven=totals.time_driven,
+        time_driven=totals.time_driven, resumed_at=totals.progress,
     )  # fmt: skip
     agreement = Agreement(world)
 
@@ -368,7 +368,7 @@ def train(
                 saved = snapshot and save_training_state(out, snapshot.to_dict(), cfg.keep)
                 raise note_exit(interrupted(signals, saved, out, when), out, world)
             totals.add(e, flops_per_image(e.side))
-            totals.time_driven = clock.time_driven
+            totals.time_driven, totals.progress = clock.time_driven, clock.reached
             stop, evaluate_now = end_of_epoch(e, cfg, totals, clock, world, signals)
             if stop == "signal":  # saved first: a preemption's grace is short, an eval long
                 totals.wall_s = clock.wall()

@@ -106,6 +106,24 @@ def test_a_resumed_time_driven_run_goes_on_by_time_from_its_first_step():
     assert fresh.progress(300) == pytest.approx(0.3)  # what a resume did: the LR back up
 
 
+def test_a_resume_with_a_larger_budget_stretches_what_is_left_of_the_schedule():
+    time = FakeTime()
+    # 60 s used of --budget 100, at progress 0.6; resumed with --budget 200.
+    clock = BudgetClock(
+        200.0, 1000, eval_steps=0, elapsed=60.0, time_driven=True, resumed_at=0.6, now=time
+    )
+    assert clock.progress(300) == pytest.approx(0.6)  # on from there: not back to 60 / 199
+    time.t = (200 - SAVE_RESERVE_S - 60) / 2
+    assert clock.progress(301) == pytest.approx(0.8)  # half the time left: half the rest
+    # Resumed with the budget it had, it goes on as its time through the budget says.
+    time = FakeTime()
+    same = BudgetClock(
+        100.0, 1000, eval_steps=0, elapsed=60.0, time_driven=True, resumed_at=60 / 99, now=time
+    )
+    time.t = 20.0
+    assert same.progress(300) == pytest.approx(80 / (100 - SAVE_RESERVE_S))
+
+
 def test_a_resumed_run_counts_its_earlier_time():
     time = FakeTime()
     clock = BudgetClock(100.0, 10, eval_steps=0, elapsed=40.0, now=time)

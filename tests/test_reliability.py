@@ -281,6 +281,12 @@ def test_out_folder_mistakes(tmp_path, data):
 def test_resume_refuses_recipe_changes_and_bad_checkpoints(tmp_path, data):
     out = tmp_path / "run"
     train(config(tmp_path, data, epochs=1))
+    before = sorted(p.name for p in out.iterdir())
+    assert "ended with its schedule (stopped by epochs)" in cli_error(
+        "train", "--resume", str(out), "--budget", "1000"
+    )
+    assert sorted(p.name for p in out.iterdir()) == before
+    train(config(tmp_path, data, epochs=2), overwrite=True, on_epoch=lambda record: True)
     assert "differs from the run being resumed" in cli_error(
         "train", "--resume", str(out), "--lr", "0.9"
     )
