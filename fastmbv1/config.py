@@ -283,8 +283,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # seeds each (bench/results/ab-cpu-recipe.md). CustomMobileNet, which the hour takes where
     # the machine fits 24 of its epochs, gained less from them: 85.77 % at 0.5 x 8 with six
     # views, against 85.17 with neither and flip TTA (one seed). The stem starts from the
-    # training images' patch whitening: +0.64 points at 0.5 x 8 and +0.69 at 0.25 x 5, two
-    # seeds each, where the stem has 16 and 8 channels (8 and 4 components).
+    # training images' patch whitening: +0.30 points on the mean of eight pairs (two seeds at
+    # 0.25 x 5 and 0.5 x 8, each on one thread and on two; +0.14 at half width), for about
+    # half a second of the budget; the stem has 16 and 8 channels there (8 and 4 components).
     "cpu": {
         "width": None,
         "batch_size": 128,
