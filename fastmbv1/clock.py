@@ -35,8 +35,11 @@ class BudgetClock:
     ``elapsed``: seconds a resumed run had already used. ``start``: when this session's time
     began, as ``now`` read it (default: now). ``lag``: steps between a decision and the step
     it governs (ranks act on what they agreed one step late), which the stop rule looks
-    ahead by. ``time_driven``: the run was already time-driven (a resumed one). ``now``: the
-    time source (a fake one in tests).
+    ahead by. ``time_driven``: the run was already time-driven (a resumed one).
+    ``resumed_progress``: the schedule's progress a resumed run had reached (``resume_point``
+    when it was saved), which its time left then takes to 1: so a resume with a larger
+    budget stretches what is left of the schedule rather than sending the LR back up (None:
+    a fresh run). ``now``: the time source (a fake one in tests).
     """
 
     def __init__(
@@ -49,7 +52,7 @@ class BudgetClock:
         start: float | None = None,
         lag: int = 0,
         time_driven: bool = False,
-        resumed_at: float | None = None,
+        resumed_progress: float | None = None,
         now: Callable[[], float] = time.perf_counter,
     ):
         self.budget, self.total_steps, self.eval_steps = budget, total_steps, eval_steps
@@ -58,7 +61,7 @@ class BudgetClock:
         self.start = now() if start is None else start
         self.step_s = 0.0  # running estimate of one step's wall time
         self.eval_s: float | None = None  # the last evaluation's measured seconds
-        self.time_driven, self.resumed_at = time_driven, resumed_at
+        self.time_driven, self.resumed_progress = time_driven, resumed_progress
         self.reached = 0.0  # the progress last answered: where a resume goes on from
         self.steps_seen = 0  # steps timed by this clock: the first ones compile and warm up
         self.timed_s, self.timed_steps = 0.0, 0  # the steps after those: their mean
@@ -115,12 +118,19 @@ class BudgetClock:
         return progress
 
     def by_time(self, wall: float, limit: float) -> float:
-        """Progress by time at ``wall`` seconds: from where this session started to 1 at
-        ``limit``, in proportion."""
-        if self.resumed_at is None:
+        """Progress by time at ``wall`` seconds of the budget, in proportion: from 0 at the
+        run's start, or a resumed run's progress at its ``elapsed`` seconds, to 1 at ``limit``."""
+        if self.resumed_progress is None:
             return wall / max(limit, 1e-9)
         left = max(limit - self.elapsed, 1e-9)
-        return self.resumed_at + (1 - self.resumed_at) * (wall - self.elapsed) / left
+        return self.resumed_progress + (1 - self.resumed_progress) * (wall - self.elapsed) / left
+
+    def resume_point(self) -> float:
+        """The progress a run saved now goes on from: the last step's, or once time drives,
+        what the time used since says too (an evaluation or a save uses the schedule's time)."""
+        if not self.time_driven:
+            return self.reached
+        return min(1.0, max(self.reached, self.by_time(self.wall(), self.available())))
 
     def fits_a_step(self, after: float = 0.0) -> bool:
         """Whether one more step would still fit if ``after`` seconds were spent first."""

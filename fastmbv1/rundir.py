@@ -29,19 +29,10 @@ RESTART_NEEDS_OUT = (
 )
 # What a run writes besides its checkpoints (--overwrite clears them all).
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.pt", EXIT_FILE)
-# How a run ends with its learning-rate schedule done (a resume's time takes the schedule on
-# from where it was, clock.py). A run stopped by --target-acc or a tuner may go on.
-SCHEDULE_DONE = ("epochs", "budget")
 
 
 def prepare_out(cfg: TrainConfig, resume: str | None, overwrite: bool, write: bool) -> Path:
     out = Path(resume or cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    ended = stopped_by(out) if resume else None
-    if ended in SCHEDULE_DONE:
-        raise UserError(
-            f"--resume {out}: the run ended with its schedule (stopped by {ended}), so "
-            "no --budget leaves it anything to train; final.pt holds it: start a new run"
-        )
     if not write:
         return out
     if out.exists() and not out.is_dir():
@@ -62,12 +53,27 @@ def prepare_out(cfg: TrainConfig, resume: str | None, overwrite: bool, write: bo
     return out
 
 
-def stopped_by(out: Path) -> str | None:
-    """What ended the finished run in ``out`` (summary.json), or None if none has ended."""
+def refuse_a_finished_schedule(out: Path, budget: float) -> None:
+    """Refuse to resume the finished run in ``out`` where its schedule has nothing left to
+    train: at any ``budget`` once it ran all its epochs or its budget took the schedule to its
+    end, and at a ``budget`` no longer than the one that stopped it. A resume's time takes
+    the schedule on from where it was (clock.py); one stopped by --target-acc or a tuner may
+    go on."""
     try:
-        return json.loads((out / "summary.json").read_text()).get("stopped_by")
+        summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError):
-        return None
+        return  # not finished: its checkpoint says where it goes on from
+    ended, spent = summary.get("stopped_by"), summary.get("budget_s", 0.0)
+    if ended == "epochs" or (ended == "budget" and (summary.get("progress") or 0.0) >= 1.0):
+        raise UserError(
+            f"--resume {out}: the run ended with its schedule (stopped by {ended}), so no "
+            "--budget leaves it anything to train; final.pt holds it: start a new run"
+        )
+    if ended == "budget" and budget <= spent:
+        raise UserError(
+            f"--resume {out}: its --budget of {spent:g} s stopped it; give a larger --budget "
+            "to train what is left of its schedule"
+        )
 
 
 def may_restart() -> bool:

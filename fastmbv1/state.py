@@ -71,8 +71,8 @@ class Totals:
     # a fresh clock's step count would send the LR back up (a fitted run plans more epochs
     # than fit, so it is time-driven nearly throughout).
     time_driven: bool = False
-    # The schedule's progress at the last step, where a resumed run's time takes it on from
-    # (None in checkpoints written before it was kept).
+    # The schedule's progress when wall_s was taken (BudgetClock.resume_point): where a resumed
+    # run's time takes it on from (None in checkpoints written before it was kept).
     progress: float | None = None
 
     def add(self, epoch, flops_per_image: float = 0.0) -> None:

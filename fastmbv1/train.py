@@ -41,7 +41,7 @@ from fastmbv1.metrics import RunLog, format_summary, utilisation, write_json
 from fastmbv1.peak import cached_peak, step_dtype
 from fastmbv1.plan import eval_cost, plan_run
 from fastmbv1.profile import StepTrace
-from fastmbv1.rundir import agree_on_the_start, note_exit, prepare_out
+from fastmbv1.rundir import agree_on_the_start, note_exit, prepare_out, refuse_a_finished_schedule
 from fastmbv1.schedule import lr_factor
 from fastmbv1.state import RunState, Totals
 from fastmbv1.step import Run, build_run, set_lr, train_step
@@ -314,6 +314,8 @@ def train(
     start = time.perf_counter()  # the budget counts from here: loading and compiling too
     world = distributed.init(pick_device(cfg.device), cfg.rank_timeout)
     device = world.device(pick_device(cfg.device))
+    if resume:  # before the plan's loading and timing: a mistake costs nothing
+        refuse_a_finished_schedule(Path(resume), cfg.budget)
     plan = plan_run(cfg, device, world, start)  # the machine's decisions, checked before writing
     cfg, train_pipe, test_pipe = plan.cfg, plan.data.train, plan.data.test
     out = prepare_out(cfg, resume, overwrite, write=world.main)
@@ -335,13 +337,16 @@ def train(
     clock = BudgetClock(
         cfg.budget, cfg.epochs * steps, eval_steps=eval_steps,
         elapsed=totals.wall_s, start=start, lag=int(world.active),
-        time_driven=totals.time_driven, resumed_at=totals.progress,
+        time_driven=totals.time_driven, resumed_progress=totals.progress,
     )  # fmt: skip
     agreement = Agreement(world)
 
     def warm_up() -> None:  # compile the eval graph after the first step, not in the first eval
         evaluate(run.model_for_eval, [next(iter(test_pipe))], device, cfg.amp, cfg.channels_last)
         compile_cache.compiled()
+
+    def clock_in() -> None:  # the budget used and where a resume would go on from, together
+        totals.wall_s, totals.progress = clock.wall(), clock.resume_point()
 
     def save(records: list[dict]) -> Path | None:
         state = RunState.capture(run, totals, records)
@@ -354,7 +359,7 @@ def train(
     with graceful_interrupts() as signals:
         train_pipe.epoch = totals.epochs_done
         while stop is None:
-            totals.wall_s = clock.wall()
+            clock_in()
             # The state at the epoch's start: an interrupt mid-epoch saves this, so a resumed
             # run replays the whole epoch exactly rather than skipping its unfinished part.
             snapshot = RunState.capture(run, totals, log.records) if world.main else None
@@ -368,16 +373,16 @@ def train(
                 saved = snapshot and save_training_state(out, snapshot.to_dict(), cfg.keep)
                 raise note_exit(interrupted(signals, saved, out, when), out, world)
             totals.add(e, flops_per_image(e.side))
-            totals.time_driven, totals.progress = clock.time_driven, clock.reached
+            totals.time_driven = clock.time_driven
             stop, evaluate_now = end_of_epoch(e, cfg, totals, clock, world, signals)
             if stop == "signal":  # saved first: a preemption's grace is short, an eval long
-                totals.wall_s = clock.wall()
+                clock_in()
                 unscored = epoch_record(e, totals, None, 0.0, world, steps)
                 t = time.perf_counter()
                 saved = save([*log.records, unscored])
                 if evaluate_now and time_to_evaluate(signals, clock, world, saved, t):
                     test_acc, eval_s = evaluate_run(run, test_pipe, world, clock, totals)
-                    totals.wall_s = clock.wall()
+                    clock_in()
                     log.add(epoch_record(e, totals, test_acc, eval_s, world, steps))
                     saved = save(log.records)
                 else:
@@ -386,7 +391,7 @@ def train(
             test_acc, eval_s = (
                 evaluate_run(run, test_pipe, world, clock, totals) if evaluate_now else (None, 0.0)
             )
-            totals.wall_s = clock.wall()
+            clock_in()
             log.add(record := epoch_record(e, totals, test_acc, eval_s, world, steps))
             if on_epoch is not None and on_epoch(record):
                 stop = stop or "on_epoch"
@@ -398,7 +403,7 @@ def train(
     if stop == "signal":
         when = f"after epoch {totals.epochs_done} (step {totals.steps})"
         raise note_exit(interrupted(signals, saved, out, when), out, world)
-    totals.wall_s = clock.wall()
+    clock_in()
     steady = (totals.train_s - totals.compile_s) / (totals.steps - 1) if totals.steps > 1 else None
     compiled = compile_cache.finish(totals.compile_s, steady)
     return finish(run, log, totals, stop, why, out, world, compiled)

@@ -110,18 +110,27 @@ def test_a_resume_with_a_larger_budget_stretches_what_is_left_of_the_schedule():
     time = FakeTime()
     # 60 s used of --budget 100, at progress 0.6; resumed with --budget 200.
     clock = BudgetClock(
-        200.0, 1000, eval_steps=0, elapsed=60.0, time_driven=True, resumed_at=0.6, now=time
+        200.0, 1000, eval_steps=0, elapsed=60.0, time_driven=True, resumed_progress=0.6, now=time
     )
     assert clock.progress(300) == pytest.approx(0.6)  # on from there: not back to 60 / 199
     time.t = (200 - SAVE_RESERVE_S - 60) / 2
     assert clock.progress(301) == pytest.approx(0.8)  # half the time left: half the rest
-    # Resumed with the budget it had, it goes on as its time through the budget says.
+
+
+def test_saved_and_resumed_with_its_budget_a_run_goes_on_as_it_would_have():
     time = FakeTime()
-    same = BudgetClock(
-        100.0, 1000, eval_steps=0, elapsed=60.0, time_driven=True, resumed_at=60 / 99, now=time
-    )
-    time.t = 20.0
-    assert same.progress(300) == pytest.approx(80 / (100 - SAVE_RESERVE_S))
+    clock = BudgetClock(100.0, 1000, eval_steps=0, time_driven=True, now=time)
+    clock.progress(0)
+    time.t = 60.0  # its last step, an evaluation and a save: they use the schedule's time too
+    saved = clock.resume_point()
+    assert saved == pytest.approx(60 / (100 - SAVE_RESERVE_S))
+    later = FakeTime()
+    resumed = BudgetClock(
+        100.0, 1000, eval_steps=0, elapsed=60.0, time_driven=True, resumed_progress=saved,
+        now=later,
+    )  # fmt: skip
+    later.t = 20.0
+    assert resumed.progress(300) == pytest.approx(80 / (100 - SAVE_RESERVE_S))
 
 
 def test_a_resumed_run_counts_its_earlier_time():

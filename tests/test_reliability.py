@@ -299,6 +299,23 @@ def test_resume_refuses_recipe_changes_and_bad_checkpoints(tmp_path, data):
     )
 
 
+def test_resume_refuses_a_finished_run_only_where_its_schedule_has_nothing_left(tmp_path):
+    from fastmbv1.rundir import refuse_a_finished_schedule
+
+    def ended(**summary):
+        (tmp_path / "summary.json").write_text(json.dumps(summary))
+
+    ended(stopped_by="budget", progress=0.97, budget_s=600.0)
+    refuse_a_finished_schedule(tmp_path, 1200.0)  # 3 % of its schedule left, and time for it
+    with pytest.raises(UserError, match="give a larger --budget"):
+        refuse_a_finished_schedule(tmp_path, 600.0)
+    ended(stopped_by="budget", progress=1.0, budget_s=600.0)
+    with pytest.raises(UserError, match="no --budget leaves it anything"):
+        refuse_a_finished_schedule(tmp_path, 1200.0)
+    ended(stopped_by="target_acc", progress=0.5, budget_s=600.0)
+    refuse_a_finished_schedule(tmp_path, 600.0)  # stopped early: the rest is still there
+
+
 def test_data_path_of_the_wrong_kind(tmp_path):
     wrong = tmp_path / "cifar.zip"
     wrong.write_bytes(os.urandom(100))
