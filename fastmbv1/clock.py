@@ -62,7 +62,7 @@ class BudgetClock:
         self.step_s = 0.0  # running estimate of one step's wall time
         self.eval_s: float | None = None  # the last evaluation's measured seconds
         self.time_driven, self.resumed_progress = time_driven, resumed_progress
-        self.reached = 0.0  # the progress last answered: where a resume goes on from
+        self.reached = 0.0  # the progress last answered, which resume_point starts from
         self.steps_seen = 0  # steps timed by this clock: the first ones compile and warm up
         self.timed_s, self.timed_steps = 0.0, 0  # the steps after those: their mean
         self.last_tick: float | None = None
