@@ -90,6 +90,11 @@ class TrainConfig:
     bn_decay: bool = opt(
         True, "weight decay on batch-norm weights and biases and the classifier's bias too"
     )
+    depthwise_decay: float = opt(
+        1.0,
+        "weight decay on the depthwise filters, as a multiple of --weight-decay (MobileNetV1's "
+        "paper puts little or none on them: they have few parameters)",
+    )
     bias_lr: float = opt(
         1.0,
         "learning-rate multiplier for the batch-norm and classifier biases; their weight "
@@ -220,6 +225,10 @@ class TrainConfig:
         )
         need(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(
+            self.depthwise_decay >= 0,
+            f"--depthwise-decay must be >= 0, got {self.depthwise_decay}",
+        )
         need(self.muon >= 0, f"--muon must be >= 0, got {self.muon}")
         need(
             not (self.muon and self.amp == "fp16"),

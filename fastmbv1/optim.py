@@ -30,23 +30,44 @@ def pointwise_weights(model: nn.Module) -> list[nn.Parameter]:
     ]
 
 
+def depthwise_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The depthwise convs' filters: one 3x3 filter per channel, a few parameters each."""
+    return [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+    ]
+
+
 def param_groups(
     model: nn.Module, cfg: TrainConfig, leave_out: Iterable[nn.Parameter] = ()
 ) -> list[dict]:
     """SGD's groups: the conv and linear weights; the batch-norm weights; the biases
     (batch-norm and classifier), at ``--bias-lr`` times the learning rate with their weight
-    decay divided by as much. ``--no-bn-decay`` takes the decay off the last two.
+    decay divided by as much. ``--no-bn-decay`` takes the decay off the last two;
+    ``--depthwise-decay F`` puts the depthwise filters in a fourth group at F times the decay.
     ``leave_out``: parameters another optimiser updates."""
     skip = {id(p) for p in leave_out}
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in skip]
+    # A fourth group only where it differs: the groups of older checkpoints stay loadable.
+    apart = {id(p) for p in depthwise_weights(model)} if cfg.depthwise_decay != 1 else set()
     decay = cfg.weight_decay if cfg.bn_decay else 0.0
-    return [
-        {"params": [p for _, p in trained if p.ndim > 1], "lr_scale": 1.0},
+    groups = [
+        {"params": [p for _, p in trained if p.ndim > 1 and id(p) not in apart], "lr_scale": 1.0},
         {"params": [p for n, p in trained if p.ndim == 1 and not n.endswith("bias")],
          "lr_scale": 1.0, "weight_decay": decay},
         {"params": [p for n, p in trained if p.ndim == 1 and n.endswith("bias")],
          "lr_scale": cfg.bias_lr, "weight_decay": decay / cfg.bias_lr},
     ]  # fmt: skip
+    if apart:
+        groups.append(
+            {
+                "params": [p for _, p in trained if id(p) in apart],
+                "lr_scale": 1.0,
+                "weight_decay": cfg.weight_decay * cfg.depthwise_decay,
+            }
+        )
+    return groups
 
 
 def build_optimizer(

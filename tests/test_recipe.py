@@ -382,6 +382,17 @@ def test_optimiser_groups_give_biases_their_own_lr_and_norms_their_own_decay():
     groups = build_run(cfg, torch.device("cpu")).optimizer.param_groups
     assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0
     assert groups[2]["weight_decay"] == 0.0
+    # --depthwise-decay puts the depthwise filters, and only they, in a fourth group.
+    cfg = make_config({"preset": "cpu", "width": 0.25, "depthwise_decay": 0.1})
+    run = build_run(cfg, torch.device("cpu"))
+    weights, _, _, depthwise = run.optimizer.param_groups
+    dw = [m.weight for m in run.model.modules()
+          if isinstance(m, torch.nn.Conv2d) and m.groups > 1]  # fmt: skip
+    assert len(dw) == 13 and {id(p) for p in depthwise["params"]} == set(map(id, dw))
+    assert {id(p) for p in weights["params"]} | set(map(id, dw)) == {
+        id(p) for p in run.model.parameters() if p.ndim > 1
+    }
+    assert depthwise["weight_decay"] == pytest.approx(5e-5) and weights["weight_decay"] == 5e-4
 
 
 def test_muon_takes_the_pointwise_weights_as_matrices_and_sgd_the_rest():
