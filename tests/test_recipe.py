@@ -363,7 +363,8 @@ def test_six_view_tta_weighs_the_image_and_its_mirror_half():
 def test_optimiser_groups_give_biases_their_own_lr_and_norms_their_own_decay():
     from fastmbv1.step import build_run, set_lr
 
-    cfg = make_config({"preset": "cpu", "width": 0.25, "bias_lr": 16.0, "weight_decay": 4e-4})
+    cfg = make_config({"preset": "cpu", "width": 0.25, "bias_lr": 16.0, "weight_decay": 4e-4,
+                       "depthwise_decay": 1.0})  # fmt: skip
     run = build_run(cfg, torch.device("cpu"))
     weights, norms, biases = run.optimizer.param_groups
     model = run.model
@@ -378,7 +379,7 @@ def test_optimiser_groups_give_biases_their_own_lr_and_norms_their_own_decay():
     # The same decay per step: lr * weight_decay is equal in every group.
     assert weights["weight_decay"] == norms["weight_decay"] == 4e-4
     assert biases["weight_decay"] == pytest.approx(2.5e-5)
-    cfg = make_config({"preset": "cpu", "width": 0.25, "bn_decay": False})
+    cfg = make_config({"preset": "cpu", "width": 0.25, "bn_decay": False, "depthwise_decay": 1})
     groups = build_run(cfg, torch.device("cpu")).optimizer.param_groups
     assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0
     assert groups[2]["weight_decay"] == 0.0
@@ -393,6 +394,9 @@ def test_optimiser_groups_give_biases_their_own_lr_and_norms_their_own_decay():
         id(p) for p in run.model.parameters() if p.ndim > 1
     }
     assert depthwise["weight_decay"] == pytest.approx(5e-5) and weights["weight_decay"] == 5e-4
+    # The cpu recipe takes it off them (bench/results/ab-cpu-recipe.md).
+    cfg = make_config({"preset": "cpu", "width": 0.25})
+    assert build_run(cfg, torch.device("cpu")).optimizer.param_groups[3]["weight_decay"] == 0.0
 
 
 def test_muon_takes_the_pointwise_weights_as_matrices_and_sgd_the_rest():
