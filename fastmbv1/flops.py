@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from fastmbv1.models.mobilenet import Normalize
+from fastmbv1.models.mobilenet import Normalize, is_depthwise
 
 # Weights, their gradients and the optimiser's momentum stay float32 under autocast.
 PARAM_BYTES = 4
@@ -112,7 +112,7 @@ def _elementwise_cost(name, kind, paths, shape_in, shape_out, channels) -> Layer
 
 def _role(path: str, m: nn.Module) -> tuple[str, str]:
     """(kind, short name) of a conv at ``path``: stem, dw4, pw4, sc4 or its path."""
-    if m.groups > 1 and m.groups == m.in_channels:
+    if is_depthwise(m):
         kind, short = "depthwise", "dw"
     elif m.kernel_size == (1, 1):
         kind, short = "pointwise", "sc" if "shortcut" in path else "pw"

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from fastmbv1.config import TrainConfig
+from fastmbv1.models.mobilenet import is_depthwise
 
 
 def pointwise_weights(model: nn.Module) -> list[nn.Parameter]:
@@ -32,11 +33,7 @@ def pointwise_weights(model: nn.Module) -> list[nn.Parameter]:
 
 def depthwise_weights(model: nn.Module) -> list[nn.Parameter]:
     """The depthwise convs' filters: one 3x3 filter per channel, a few parameters each."""
-    return [
-        m.weight
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
-    ]
+    return [m.weight for m in model.modules() if is_depthwise(m)]
 
 
 def param_groups(

@@ -51,6 +51,12 @@ class Normalize(nn.Module):
         return ((x - self.mean) / self.std).to(x.dtype)
 
 
+def is_depthwise(m: nn.Module) -> bool:
+    """A conv with one filter per input channel (groups == channels), as ``conv_bn`` builds
+    the blocks' first convs."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+
+
 def conv_bn(
     cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, relu: bool = True
 ) -> nn.Sequential:
