@@ -4,11 +4,9 @@ weights, the test batch read with pickle. Usage: python more_views.py RUN_DIR...
 
 import json
 import os
-import pickle
 import sys
-import tarfile
+from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,11 +14,11 @@ import fastmbv1
 
 SHIFTS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/: independent_score
+from independent_score import cifar_batch  # noqa: E402
+
 data = os.environ.get("FASTMBV1_DATA", "../shared/datasets/cifar10/cifar-10-python.tar.gz")
-with tarfile.open(data) as tar:
-    test = pickle.load(tar.extractfile("cifar-10-batches-py/test_batch"), encoding="bytes")
-x = torch.from_numpy(np.asarray(test[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)) / 255
-y = torch.tensor(test[b"labels"])
+x, y = cifar_batch(data)
 
 
 def accuracy(logits: torch.Tensor) -> float:

@@ -4,30 +4,24 @@ BN"). Six views, the test batch read with pickle. Usage: python precise_bn.py RU
 
 import json
 import os
-import pickle
 import sys
-import tarfile
+from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 import fastmbv1
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/: independent_score
+from independent_score import accuracy, cifar_batch  # noqa: E402
+
 data = os.environ.get("FASTMBV1_DATA", "../shared/datasets/cifar10/cifar-10-python.tar.gz")
-with tarfile.open(data) as tar:
-    test = pickle.load(tar.extractfile("cifar-10-batches-py/test_batch"), encoding="bytes")
-    train = pickle.load(tar.extractfile("cifar-10-batches-py/data_batch_1"), encoding="bytes")
-x = torch.from_numpy(np.asarray(test[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)) / 255
-y = torch.tensor(test[b"labels"])
-x_train = torch.from_numpy(np.asarray(train[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)) / 255
+x, y = cifar_batch(data)
+x_train, _ = cifar_batch(data, "data_batch_1")
 
 
 def score(model: nn.Module) -> float:
-    with torch.no_grad():
-        hits = sum((model.eval()(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum().item()
-                   for i in range(0, len(y), 1000))  # fmt: skip
-    return 100 * hits / len(y)
+    return accuracy(model.eval(), x, y)
 
 
 for run in sys.argv[1:]:
