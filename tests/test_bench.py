@@ -17,8 +17,10 @@ from fastmbv1 import peak
 from fastmbv1.cli import main
 from fastmbv1.config import PRESETS
 from fastmbv1.data import recipe_pipeline
+from fastmbv1.errors import BudgetTooShort
 from fastmbv1.flops import training_flops_per_image
 from fastmbv1.measure import epoch
+from fastmbv1.measure import report as report_module
 from fastmbv1.measure.budget import ORIGINAL_T4, epochs_in, original_budget
 from fastmbv1.measure.cli import BENCHES, add_arguments
 from fastmbv1.measure.inputs import preset_config
@@ -462,6 +464,35 @@ def test_report_launches_runs(bench, tmp_path):
     run = read_run(tmp_path / "runs" / "cpu-60s")
     assert run["summary"]["epochs_done"] == 1
     assert (tmp_path / "out" / "report.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_launch_trains_the_rest_after_a_refusal(bench, tmp_path, monkeypatch):
+    # A refusal comes from the speed measured at a run's own start, so fake it for one preset:
+    # the presets after it still train, the report holds them, and the refusal is one line.
+    real_train = report_module.train
+
+    def train(cfg, **kwargs):
+        if cfg.preset == "baseline":
+            raise BudgetTooShort("--budget 60 is too short on this machine now")
+        return real_train(cfg, **kwargs)
+
+    monkeypatch.setattr(report_module, "train", train)
+    data = write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        'width = 0.25\nbatch_size = 50\neval_batch_size = 100\nepochs = 1\npipeline = "torch"\n'
+    )
+    status, out, err = bench(
+        f"report --launch --presets baseline cpu --budget 60 --config {config} --data {data} "
+        f"--device cpu --runs-dir {tmp_path / 'runs'} --out {tmp_path / 'out'}",
+    )
+    assert status == 2
+    assert err.strip().splitlines()[-1] == (
+        "fastmbv1 bench: error: not trained: baseline: --budget 60 is too short on this machine now"
+    )
+    assert read_run(tmp_path / "runs" / "cpu-60s")["summary"]["epochs_done"] == 1
+    assert "cpu-60s" in (tmp_path / "out" / "report.md").read_text() and "cpu-60s" in out
+    assert not (tmp_path / "runs" / "baseline-60s").exists()
 
 
 def test_report_function_returns_rows(tmp_path):

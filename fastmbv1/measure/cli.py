@@ -145,21 +145,25 @@ def run_report(args: argparse.Namespace) -> int:
     agg_canvas()  # matplotlib is there, before any training starts
     for run_dir in args.runs:
         read_run(run_dir)  # a wrong folder fails before any training starts
-    run_dirs = list(args.runs)
+    run_dirs, refused = list(args.runs), []
     if args.launch:
         overrides = {k: getattr(args, k) for k in ("data", "device") if getattr(args, k)}
-        run_dirs += launch(
+        trained, refused = launch(
             args.presets,
             budget=args.budget,
             runs_dir=args.runs_dir,
             overrides=overrides,
             config_file=args.config,
         )
+        run_dirs += trained
     elif not run_dirs:
         raise UserError("name run folders to report on, or --launch to train some first")
-    rows = report(run_dirs, args.out)
-    print(json.dumps(rows, indent=2) if args.json else markdown(rows), end="")
-    print(f"wrote {Path(args.out) / 'report.png'} and report.md", file=sys.stderr)
+    if run_dirs:
+        rows = report(run_dirs, args.out)
+        print(json.dumps(rows, indent=2) if args.json else markdown(rows), end="")
+        print(f"wrote {Path(args.out) / 'report.png'} and report.md", file=sys.stderr)
+    if refused:  # after the report, so the runs that did train are in it
+        raise UserError("not trained: " + "; ".join(refused))
     return 0
 
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from fastmbv1.errors import UserError
+from fastmbv1.errors import BudgetTooShort, UserError
 from fastmbv1.measure.plots import figure, save
 from fastmbv1.metrics import THRESHOLDS
 from fastmbv1.plan import make_config
@@ -112,13 +112,15 @@ def launch(
     runs_dir: str | Path,
     overrides: dict,
     config_file: str | None = None,
-) -> list[Path]:
-    """Train one run per preset into ``runs_dir/<preset>-<budget>s`` (replacing an older one).
+) -> tuple[list[Path], list[str]]:
+    """Train one run per preset into ``runs_dir/<preset>-<budget>s`` (replacing an older one);
+    the folders trained, and one line for each preset refused.
 
     ``overrides`` and ``config_file`` apply on top of each preset, as flags and ``--config``
     do for ``fastmbv1 train``; every config is checked before the first run starts. A run
-    whose budget the plan finds too short for its final evaluation on this machine is still
-    refused at its own start (``fastmbv1.errors.BudgetTooShort``), after the runs before it.
+    whose budget the plan finds too short for its final evaluation on this machine is
+    refused only at its own start (``fastmbv1.errors.BudgetTooShort``), when the speed is
+    measured: the presets after it still train, so one refusal costs none of the others.
     """
     configs = []
     for preset in presets:
@@ -127,4 +129,10 @@ def launch(
             fields["budget"] = budget
         cfg = make_config(fields, config_file)
         configs.append(replace(cfg, out=str(Path(runs_dir) / f"{cfg.preset}-{cfg.budget:g}s")))
-    return [train(cfg, overwrite=True).out for cfg in configs]
+    trained, refused = [], []
+    for cfg in configs:
+        try:
+            trained.append(train(cfg, overwrite=True).out)
+        except BudgetTooShort as e:
+            refused.append(f"{cfg.preset}: {e}")
+    return trained, refused
