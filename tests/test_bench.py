@@ -450,16 +450,22 @@ def test_report_refuses_a_folder_without_metrics(bench, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_report_launches_runs(bench, tmp_path):
+def launch_command(tmp_path: Path, presets: str) -> str:
+    """``report --launch`` training each of ``presets`` for one epoch of a tiny archive, into
+    tmp_path/runs, reporting into tmp_path/out."""
     data = write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
     config = tmp_path / "tiny.toml"
     config.write_text(
         'width = 0.25\nbatch_size = 50\neval_batch_size = 100\nepochs = 1\npipeline = "torch"\n'
     )
-    status, _, err = bench(
-        f"report --launch --presets cpu --budget 60 --config {config} --data {data} "
-        f"--device cpu --runs-dir {tmp_path / 'runs'} --out {tmp_path / 'out'}",
+    return (
+        f"report --launch --presets {presets} --budget 60 --config {config} --data {data} "
+        f"--device cpu --runs-dir {tmp_path / 'runs'} --out {tmp_path / 'out'}"
     )
+
+
+def test_report_launches_runs(bench, tmp_path):
+    status, _, err = bench(launch_command(tmp_path, "cpu"))
     assert status == 0, err
     run = read_run(tmp_path / "runs" / "cpu-60s")
     assert run["summary"]["epochs_done"] == 1
@@ -477,15 +483,7 @@ def test_report_launch_trains_the_rest_after_a_refusal(bench, tmp_path, monkeypa
         return real_train(cfg, **kwargs)
 
     monkeypatch.setattr(report_module, "train", train)
-    data = write_archive(tmp_path / "tiny.tar.gz", tiny_batches(per_batch=40))
-    config = tmp_path / "tiny.toml"
-    config.write_text(
-        'width = 0.25\nbatch_size = 50\neval_batch_size = 100\nepochs = 1\npipeline = "torch"\n'
-    )
-    status, out, err = bench(
-        f"report --launch --presets baseline cpu --budget 60 --config {config} --data {data} "
-        f"--device cpu --runs-dir {tmp_path / 'runs'} --out {tmp_path / 'out'}",
-    )
+    status, out, err = bench(launch_command(tmp_path, "baseline cpu"))
     assert status == 2
     assert err.strip().splitlines()[-1] == (
         "fastmbv1 bench: error: not trained: baseline: --budget 60 is too short on this machine now"
