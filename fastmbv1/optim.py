@@ -1,15 +1,20 @@
 """The optimiser: Nesterov SGD in three groups, and optionally Muon on the pointwise convs.
 
-With ``--muon F``, torch's Muon (``torch.optim.Muon``, which takes 2-D parameters only)
-updates each 1x1 conv's weight through a (C_out, C_in) parameter that shares its storage:
-Muon's in-place update is the conv's, the model and its checkpoints keep their 4-D weights,
-and nothing about the network changes. The depthwise filters, the stem and the classifier
-stay with SGD (Muon orthogonalises a layer's map from inputs to outputs; a depthwise
-filter's 9 taps, or the head, are not one).
+With ``--muon F``, Muon updates each 1x1 conv's weight through a (C_out, C_in) parameter
+that shares its storage: Muon's in-place update is the conv's, the model and its checkpoints
+keep their 4-D weights, and nothing about the network changes. The depthwise filters, the
+stem and the classifier stay with SGD (Muon orthogonalises a layer's map from inputs to
+outputs; a depthwise filter's 9 taps, or the head, are not one).
+
+``Muon`` here is ``torch.optim.Muon``'s update, step for step, with one change: the dtype
+of its Newton-Schulz iterations. torch's runs them in bfloat16, which a CPU without bf16
+instructions (AVX2 only) emulates: one 512 x 512 product took 317 ms there against a few
+in fp32, and a half-width step 6.8 s (``bench/results/ab-levers-cpu/muon_step.py``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -67,6 +72,71 @@ def param_groups(
     return groups
 
 
+def ns_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the hardware multiplies in it (CUDA; CPUs with AVX-512 BF16 or AMX,
+    where a 512 x 512 product took 0.6 ms against fp32's 4.8), float32 where it would be
+    emulated."""
+    if device.type != "cpu":
+        return torch.bfloat16
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
+def orthogonalize(g: torch.Tensor, dtype: torch.dtype, steps: int = 5) -> torch.Tensor:
+    """Newton-Schulz's quintic iteration towards the nearest semi-orthogonal matrix, with
+    torch.optim.Muon's coefficients (which trade convergence for slope at zero: the singular
+    values land in about 0.5-1.5, and Muon does not need more)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(dtype)
+    wide = g.size(0) <= g.size(1)
+    x = x if wide else x.T  # iterate on the smaller Gram matrix
+    x = x / x.norm().clamp(min=1e-7)  # not in place: in fp32, x may be the caller's tensor
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x if wide else x.T
+
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon (momentum, then Newton-Schulz, then a step of lr * sqrt(max(1,
+    rows / cols)) after decoupled decay) with its iterations in ``ns_dtype``. Its state has
+    torch's keys, so the checkpoints of runs that used torch's load here."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float,
+        nesterov: bool,
+        weight_decay: float,
+        ns_dtype: torch.dtype,
+    ):
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "weight_decay": weight_decay,
+        }
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                rows, cols = p.shape
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(
+                    orthogonalize(update, self.ns_dtype), alpha=-lr * math.sqrt(max(1, rows / cols))
+                )
+
+
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, device: torch.device
 ) -> torch.optim.SGD | SGDWithMuon:
@@ -99,12 +169,13 @@ class SGDWithMuon:
         # Decoupled decay (Muon shrinks the weight by lr * decay a step): as much per step as
         # SGD's coupled decay, which its momentum amplifies by 1 / (1 - momentum).
         decay = cfg.weight_decay / ((1 - cfg.momentum) * cfg.muon)
-        self.muon = torch.optim.Muon(
+        self.muon = Muon(
             [{"params": [m for _, m in self.pairs], "lr_scale": cfg.muon}],
             lr=cfg.lr * cfg.muon,
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
             weight_decay=decay,
+            ns_dtype=ns_dtype(weights[0].device),
         )
 
     @property

@@ -437,6 +437,43 @@ def test_muon_takes_the_pointwise_weights_as_matrices_and_sgd_the_rest():
     assert all(w.grad is None for w in pointwise)
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_is_torchs_update_with_the_newton_schulz_dtype_chosen(nesterov):
+    from fastmbv1.optim import Muon
+
+    def steps(opt_class, dtype=None):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((8, 24), (24, 8))]
+        kwargs = {"lr": 0.05, "momentum": 0.9, "nesterov": nesterov, "weight_decay": 0.1}
+        opt = (
+            opt_class(params, **kwargs)
+            if dtype is None
+            else opt_class(params, **kwargs, ns_dtype=dtype)
+        )
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return params
+
+    # In bfloat16 it is torch's, to the bit; in float32 it differs by bf16's rounding only.
+    for ours, torchs in zip(steps(Muon, torch.bfloat16), steps(torch.optim.Muon), strict=True):
+        assert torch.equal(ours, torchs)
+    for ours, torchs in zip(steps(Muon, torch.float32), steps(torch.optim.Muon), strict=True):
+        assert torch.allclose(ours, torchs, atol=0.01) and not torch.equal(ours, torchs)
+
+
+def test_muon_orthogonalises_in_bfloat16_only_where_the_hardware_has_it(monkeypatch):
+    from fastmbv1.optim import ns_dtype
+
+    assert ns_dtype(torch.device("cuda")) == torch.bfloat16
+    for avx512_bf16, amx, expected in [(False, False, torch.float32), (True, False, torch.bfloat16),
+                                       (False, True, torch.bfloat16)]:  # fmt: skip
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert ns_dtype(torch.device("cpu")) == expected
+
+
 def test_bn_momentum_reaches_every_batch_norm():
     from fastmbv1.step import build_run
 
