@@ -103,9 +103,10 @@ class TrainConfig:
     )
     muon: float = opt(
         0.0,
-        "Muon (torch.optim.Muon) for the pointwise convs' weights, at this multiple of the "
-        "learning rate (Muon scales each layer's step by a further sqrt(max(1, C_out/C_in))); "
-        "SGD keeps the rest (0: off)",
+        "Muon (torch.optim.Muon's update; its Newton-Schulz in fp32 on CPUs without bf16 "
+        "instructions) for the pointwise convs' weights, at this multiple of the learning "
+        "rate (Muon scales each layer's step by a further sqrt(max(1, C_out/C_in))); SGD "
+        "keeps the rest (0: off)",
     )
     bn_momentum: float = opt(
         0.1, "batch-norm running statistics: weight of each new batch (torch's convention)"
