@@ -233,9 +233,8 @@ class TrainConfig:
         need(self.muon >= 0, f"--muon must be >= 0, got {self.muon}")
         need(
             not (self.muon and self.amp == "fp16"),
-            f"--muon {self.muon:g} (the cpu recipe has 0.5): not with --amp fp16, whose grad "
-            "scaler would neither unscale nor check the gradients Muon reads; use --amp bf16, "
-            "or --muon 0",
+            "--muon: not with --amp fp16, whose grad scaler would neither unscale nor check "
+            "the gradients Muon reads; use bf16",
         )
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         need(0 < self.bn_momentum <= 1, f"--bn-momentum must be in (0, 1], got {self.bn_momentum}")
@@ -300,11 +299,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # No weight decay on the depthwise filters (the MobileNetV1 paper's advice): +0.40 points
     # at 0.5 x 8 (+0.25, +0.55) and -0.03 at 0.25 x 5 (+0.19, -0.25), two seeds each on two
     # threads. The training loss was lower at every epoch of all four runs: in so few epochs
-    # the network underfits, and less decay lets it fit more. Muon on the pointwise convs at
-    # half the LR: +1.56 points at 0.5 x 8 (+1.58, +1.55) and +1.13 at 0.25 x 5 (+1.22, +1.05),
-    # two seeds each on the AMD kind (fp32 Newton-Schulz), +1.09 at 0.5 x 8 on the Xeon kind
-    # (bf16), for a step about a quarter longer (AMD: 0.054 s more at half width) or a tenth
-    # (Xeon), where eight epochs against twelve had been worth 1.2 points.
+    # the network underfits, and less decay lets it fit more.
     "cpu": {
         "width": None,
         "batch_size": 128,
@@ -317,7 +312,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "depthwise_relu": False,
         "whiten": True,
         "depthwise_decay": 0.0,
-        "muon": 0.5,
     },
     # The original project's CustomMobileNet recipe, field for field (facts.md).
     "custom": {

@@ -205,7 +205,7 @@ def run_cli(*args, cwd=None):
         (["train", "--amp", "fp8"], "invalid choice"),
         (["train", "--muon", "-1"], "--muon must be >= 0"),
         (["train", "--translate", "5"], "--translate must be in [0, 4]"),
-        (["train", "--amp", "fp16"], "--muon 0.5 (the cpu recipe has 0.5): not with --amp fp16"),
+        (["train", "--muon", "0.5", "--amp", "fp16"], "--muon: not with --amp fp16"),
         (["train", "--preset", "nope"], "unknown preset"),
         (["train", "--config", "missing.toml"], "does not exist"),
     ],
@@ -266,7 +266,7 @@ def test_real_cifar_learns_on_the_cpu(tmp_path, real_cifar_path, real_cache, mon
 def test_fp16_skipped_steps_are_counted_without_asking_the_host():
     from fastmbv1.step import build_run, train_step
 
-    cfg = make_config({"preset": "cpu", "amp": "fp16", "compile": False, "muon": 0.0})
+    cfg = make_config({"preset": "cpu", "amp": "fp16", "compile": False})
     run = build_run(cfg, torch.device("cpu"))
     y = torch.arange(8) % 10
     good = torch.rand(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
