@@ -114,7 +114,7 @@ def graphs_problem(device: torch.device, amp: str, world: World, muon: float = 0
     if device.type != "cuda":
         return "CUDA graphs need a CUDA GPU"
     if muon:
-        return "torch's Muon reads its learning rate on the host"
+        return "Muon reads its learning rate on the host"
     if amp == "fp16":
         return "the fp16 grad scaler decides on the host whether a step is skipped; use bf16"
     if world.active:
