@@ -8,8 +8,8 @@ outputs; a depthwise filter's 9 taps, or the head, are not one).
 
 ``Muon`` here is ``torch.optim.Muon``'s update, step for step, with one change: the dtype
 of its Newton-Schulz iterations. torch's runs them in bfloat16, which a CPU without bf16
-instructions (AVX2 only) emulates: one 512 x 512 product took 317 ms there against a few
-in fp32, and a half-width step 6.8 s (``bench/results/ab-levers-cpu/muon_step.py``).
+instructions (AVX2 only) emulates: one 512 x 512 product took 221-317 ms there against
+2-16 ms in fp32, and a half-width step 6.8 s (``bench/results/ab-levers-cpu/muon_step.py``).
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def ns_dtype(device: torch.device) -> torch.dtype:
     emulated."""
     if device.type != "cpu":
         return torch.bfloat16
+    # torch's own CPU capability checks (private, but what Inductor asks); no public one says bf16.
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.bfloat16 if native else torch.float32
 
