@@ -9,27 +9,24 @@ Run from the repository root with the venv active:
 """
 
 import statistics
-import time
 
 import torch
 
 from fastmbv1.config import merge
 from fastmbv1.optim import ns_dtype
 from fastmbv1.step import build_run
+from fastmbv1.timing import timed
+
+CPU = torch.device("cpu")
 
 
 def median_s(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    fn()  # warm-up
+    return statistics.median(timed(fn, CPU) for _ in range(reps))
 
 
 torch.set_num_threads(2)
-print(f"Newton-Schulz dtype here: {ns_dtype(torch.device('cpu'))}")
+print(f"Newton-Schulz dtype here: {ns_dtype(CPU)}")
 for n in (256, 512):
     a = torch.randn(n, n)
     for dtype in (torch.float32, torch.bfloat16):
@@ -37,9 +34,7 @@ for n in (256, 512):
         print(f"{n} x {n} product, {dtype}: {1e3 * median_s(lambda b=b: b @ b):.1f} ms")
 for width in (0.25, 0.5):
     for muon in (0.0, 0.5):
-        run = build_run(
-            merge({"width": width, "muon": muon, "device": "cpu"}, "cpu"), torch.device("cpu")
-        )
+        run = build_run(merge({"width": width, "muon": muon, "device": "cpu"}, "cpu"), CPU)
         x = torch.randn(128, 3, 32, 32).contiguous(memory_format=torch.channels_last)
         backward = median_s(lambda run=run, x=x: run.model(x).sum().backward())
         step = median_s(run.optimizer.step)
